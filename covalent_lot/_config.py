@@ -1,0 +1,224 @@
+"""Options: typed specs, validated once, resolved with one precedence rule.
+
+Precedence, highest first (explicit arguments are checked with ``is not None``,
+so an explicit ``0`` or ``False`` is kept):
+
+1. explicit argument to the strategy or factory
+2. environment: ``COVALENT_LOT_<SECTION>_<OPTION>``, then ``COVALENT_LOT_<OPTION>``
+   for options shared by every backend (e.g. ``COVALENT_LOT_S3_ENDPOINT_URL``,
+   ``COVALENT_LOT_MAX_ATTEMPTS``)
+3. covalent.conf: ``[lot.<section>]``, then ``[lot]`` for shared options
+4. the built-in default
+
+covalent.conf is read through Covalent's own config reader when a strategy is
+built (never at import time). Unknown keys in ``[lot]``/``[lot.<section>]`` and
+unknown arguments are errors, with the closest known name suggested.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+__all__ = ["Option", "Settings", "resolve", "parse_size", "COMMON_OPTIONS", "BACKEND_SECTIONS"]
+
+BACKEND_SECTIONS = ("s3", "gcs", "azure", "sftp")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> int:
+    """``16777216``, ``"16MiB"``, ``"16 MB"``, ``"1.5GiB"`` -> bytes."""
+    if isinstance(value, bool):
+        raise TypeError("a size cannot be a bool")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            number, unit = match.group(1), (match.group(2) or "").lower()
+            power = 0 if unit in ("", "b") else "kmgt".index(unit[0]) + 1
+            base = 1024 if "i" in unit else 1000
+            return int(float(number) * base**power)
+    raise ValueError(f"not a size: {value!r} (use bytes or e.g. '16MiB')")
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r} (use true or false)")
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"not an integer: {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    raise ValueError(f"not an integer: {value!r}")
+
+
+def _parse_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"not a number: {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"not a number: {value!r}")
+
+
+def _parse_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"not a string: {value!r}")
+
+
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "size": parse_size,
+    "int": _parse_int,
+    "float": _parse_float,
+    "bool": _parse_bool,
+    "str": _parse_str,
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its type, default, bounds and documentation."""
+
+    kind: str  # a key of PARSERS
+    default: Any
+    doc: str
+    minimum: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    def coerce(self, name: str, value: Any, origin: str) -> Any:
+        try:
+            parsed = PARSERS[self.kind](value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"option {name} from {origin}: {exc}") from None
+        if self.minimum is not None and parsed < self.minimum:
+            shown = f"{int(self.minimum):,} bytes" if self.kind == "size" else self.minimum
+            raise ValueError(f"option {name} from {origin} must be >= {shown}, got {value!r}")
+        if self.choices is not None and parsed not in self.choices:
+            raise ValueError(
+                f"option {name} from {origin} must be one of {', '.join(self.choices)}, got {value!r}"
+            )
+        return parsed
+
+
+COMMON_OPTIONS: dict[str, Option] = {
+    "max_attempts": Option("int", 5, "attempts per request/transfer for transient errors", 1),
+    "base_delay": Option("float", 0.5, "first retry backoff in seconds (doubles, full jitter)", 0),
+    "max_delay": Option("float", 20.0, "longest retry backoff in seconds", 0),
+    "staging_dir": Option(
+        "str", None, "local folder for handoff files (default: <tempdir>/covalent-lot)"
+    ),
+    "verify": Option("bool", True, "store and verify sha256 checksums"),
+}
+
+
+class Settings(Mapping[str, Any]):
+    """Resolved option values, plus where each came from (for messages and doctor)."""
+
+    def __init__(self, section: str, values: dict[str, Any], sources: dict[str, str]):
+        self.section = section
+        self._values = values
+        self.sources = sources
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def __repr__(self) -> str:
+        return f"Settings({self.section!r}, {self._values!r})"
+
+
+def _suggest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _conf_lot() -> dict:
+    from . import _covalent
+
+    return _covalent.read_conf_section("lot")
+
+
+def resolve(
+    section: str,
+    specs: Mapping[str, Option],
+    explicit: Mapping[str, Any],
+    *,
+    environ: Mapping[str, str] | None = None,
+    conf: Mapping[str, Any] | None = None,
+    owner: str = "strategy",
+) -> Settings:
+    """Resolve ``specs`` (backend options) plus the common options for ``section``."""
+    environ = os.environ if environ is None else environ
+    conf = _conf_lot() if conf is None else conf
+    all_specs = {**COMMON_OPTIONS, **specs}
+
+    for name in explicit:
+        if name not in all_specs:
+            raise TypeError(f"{owner} got an unexpected option {name!r}{_suggest(name, all_specs)}")
+
+    if not isinstance(conf, Mapping):
+        raise ValueError(f"covalent.conf: [lot] must be a table, got {conf!r}")
+    section_conf = conf.get(section, {})
+    if not isinstance(section_conf, Mapping):
+        raise ValueError(f"covalent.conf: [lot.{section}] must be a table, got {section_conf!r}")
+    for name, value in conf.items():
+        if isinstance(value, Mapping) and name in BACKEND_SECTIONS:
+            continue
+        if name not in COMMON_OPTIONS:
+            hint = _suggest(name, list(COMMON_OPTIONS) + list(BACKEND_SECTIONS))
+            raise ValueError(f"covalent.conf: unknown key {name!r} in [lot]{hint}")
+    for name in section_conf:
+        if name not in all_specs:
+            raise ValueError(
+                f"covalent.conf: unknown key {name!r} in [lot.{section}]{_suggest(name, all_specs)}"
+            )
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, spec in all_specs.items():
+        env_names = [f"COVALENT_LOT_{section.upper()}_{name.upper()}"]
+        if name in COMMON_OPTIONS:
+            env_names.append(f"COVALENT_LOT_{name.upper()}")
+        candidates = [("argument", explicit.get(name))]
+        candidates += [(f"environment {e}", environ.get(e)) for e in env_names]
+        candidates.append((f"covalent.conf [lot.{section}]", section_conf.get(name)))
+        if name in COMMON_OPTIONS:
+            candidates.append(("covalent.conf [lot]", conf.get(name)))
+        for origin, raw in candidates:
+            if raw is not None and not (origin.startswith("environment") and raw == ""):
+                values[name] = spec.coerce(name, raw, origin)
+                sources[name] = origin
+                break
+        else:
+            values[name] = spec.default
+            sources[name] = "default"
+    return Settings(section, values, sources)

@@ -1,0 +1,329 @@
+"""The transfer engine shared by every backend.
+
+A backend adapts one storage service with a few primitives (``stat``,
+``iter_objects``, ``put_file``, ``get_into``, ``copy``, ``delete``,
+``classify``); everything else lives here once: folders and key-to-path
+mapping, checksums, atomic local writes, retries, the error table, stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+from ._errors import ChecksumMismatchError, Classified, translate
+from ._retry import RetryPolicy
+from ._stream import TEMP_MARK, VerifyingSink, atomic_download, sha256_file
+from ._uri import StoreURI
+
+__all__ = ["Backend", "RemoteObject", "TransferStats", "Engine", "local_path_for_key"]
+
+log = logging.getLogger("covalent_lot")
+T = TypeVar("T")
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """What a backend knows of one stored object."""
+
+    location: StoreURI
+    size: int
+    sha256: str | None = None  # as stored with the object by covalent-lot
+    version: str | None = None  # ETag/generation: lets a download notice a concurrent change
+
+
+@dataclass
+class TransferStats:
+    """Counts for one engine call (a file or a whole folder)."""
+
+    action: str
+    source: str
+    destination: str
+    files: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    retries: int = 0
+    verified: int = 0  # files whose sha256 was checked (download) or stored (upload)
+    unverified: list[str] = field(default_factory=list)
+
+    @property
+    def mib_per_s(self) -> float:
+        return self.bytes / MiB / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        word = {"upload": "stored", "copy": "kept"}.get(self.action, "verified")
+        check = f"{self.verified}/{self.files} sha256 {word}"
+        return (
+            f"{self.action} {self.source} -> {self.destination}: {self.files} file(s), "
+            f"{self.bytes / MiB:.1f} MiB in {self.seconds:.2f} s ({self.mib_per_s:.1f} MiB/s), "
+            f"{self.retries} retries, {check}"
+        )
+
+
+class Backend(ABC):
+    """Primitives one storage service must provide. Built on the executor."""
+
+    scheme: str = ""
+
+    def __init__(self, settings: Mapping[str, Any]):
+        self.settings = settings
+
+    @property
+    @abstractmethod
+    def endpoint(self) -> str:
+        """Where requests go, for error messages."""
+
+    @abstractmethod
+    def stat(self, location: StoreURI) -> RemoteObject:
+        """Size, stored checksum and version of one object; raises if missing."""
+
+    @abstractmethod
+    def iter_objects(self, prefix: StoreURI) -> Iterator[RemoteObject]:
+        """Every object below a folder URI, all pages."""
+
+    @abstractmethod
+    def put_file(self, local_path: str, location: StoreURI, size: int, sha256: str | None) -> None:
+        """Stream a local file to ``location`` with ``sha256`` stored as metadata.
+
+        Must never leave a partial object visible under ``location``.
+        """
+
+    @abstractmethod
+    def get_into(self, obj: RemoteObject, sink: VerifyingSink) -> RemoteObject:
+        """Stream ``obj`` into ``sink`` (any write order); return what was read.
+
+        The returned object's ``sha256`` is the stored checksum as seen by the
+        read itself (it may be None if ``obj`` came from a listing).
+        """
+
+    @abstractmethod
+    def copy(self, source: RemoteObject, destination: StoreURI) -> None:
+        """Server-side copy, keeping the stored checksum."""
+
+    @abstractmethod
+    def delete(self, location: StoreURI) -> None:
+        """Remove one object."""
+
+    @abstractmethod
+    def classify(self, exc: BaseException) -> Classified | None:
+        """Place an SDK exception in the error table; None if it is not the service's."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def local_path_for_key(root: str, relative_key: str, uri: str) -> str:
+    """Map a key below a folder onto a path below ``root``, refusing escapes."""
+    if (
+        not relative_key
+        or relative_key.startswith("/")
+        or "\\" in relative_key
+        or "\x00" in relative_key
+        or any(part in ("", ".", "..") for part in relative_key.split("/"))
+    ):
+        raise ValueError(
+            f"refusing to download {uri}: its key maps outside the destination folder "
+            f"{root!r} (empty, '.' or '..' segments, absolute or backslash paths)"
+        )
+    root_abs = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(root_abs, *relative_key.split("/")))
+    if os.path.commonpath([root_abs, path]) != root_abs:
+        raise ValueError(f"refusing to download {uri}: it resolves to {path!r}, outside {root!r}")
+    return path
+
+
+class Engine:
+    """Runs uploads, downloads and copies for one backend, with one retry policy."""
+
+    def __init__(self, backend: Backend, policy: RetryPolicy, verify: bool = True):
+        self.backend = backend
+        self.policy = policy
+        self.verify = verify
+
+    # --- one guarded service call -------------------------------------------------------
+    def _guard(self, action: str, target: str, fn: Callable[[], T], stats: TransferStats) -> T:
+        """Run ``fn`` with retries on transient errors; translate service errors."""
+
+        def transient(exc: BaseException) -> bool:
+            verdict = self.backend.classify(exc)
+            return verdict is not None and verdict.transient
+
+        def on_retry(attempt: int, exc: BaseException, wait: float) -> None:
+            stats.retries += 1
+            log.warning("%s %s: attempt %d failed (%s); retrying in %.1f s",
+                        action, target, attempt, exc, wait)
+
+        try:
+            return self.policy.run(fn, transient, on_retry)
+        except Exception as exc:
+            verdict = self.backend.classify(exc)
+            if verdict is None:
+                raise
+            raise translate(
+                verdict, action=action, target=target, endpoint=self.backend.endpoint
+            ) from exc
+
+    def _finish(self, stats: TransferStats, started: float) -> TransferStats:
+        stats.seconds = time.perf_counter() - started
+        log.info("%s", stats.summary())
+        if stats.unverified:
+            log.debug("not verified (no stored sha256, e.g. written by another tool): %s",
+                      ", ".join(stats.unverified[:20]))
+        return stats
+
+    # --- upload ---------------------------------------------------------------------------
+    def upload(self, local_path: str, destination: StoreURI) -> TransferStats:
+        started = time.perf_counter()
+        stats = TransferStats("upload", local_path, str(destination))
+        if os.path.isdir(local_path):
+            if not destination.is_folder:
+                raise IsADirectoryError(
+                    f"upload source {local_path!r} is a folder but {destination} names an object; "
+                    "end the URI with '/' to upload a folder"
+                )
+            for path, relative in _walk_files(local_path):
+                self._upload_one(path, destination.child(relative), stats)
+        elif os.path.isfile(local_path):
+            if destination.is_folder:
+                destination = destination.child(os.path.basename(local_path))
+                stats.destination = str(destination)
+            self._upload_one(local_path, destination, stats)
+        elif os.path.exists(local_path):
+            raise ValueError(f"upload source {local_path!r} is neither a file nor a folder")
+        else:
+            raise FileNotFoundError(
+                f"upload source {local_path!r} does not exist (did the electron write it?)"
+            )
+        return self._finish(stats, started)
+
+    def _upload_one(self, path: str, destination: StoreURI, stats: TransferStats) -> None:
+        before = os.stat(path)
+        # Object stores take metadata when an upload starts, so the checksum is
+        # computed in one streaming pass first; a copy afterwards to attach it
+        # would cost more than the pass (see README, "Integrity").
+        sha256 = sha256_file(path)[0] if self.verify else None
+        self._guard(
+            "upload to", str(destination),
+            lambda: self.backend.put_file(path, destination, before.st_size, sha256),
+            stats,
+        )
+        after = os.stat(path)
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            self._guard("remove", str(destination), lambda: self.backend.delete(destination), stats)
+            raise OSError(
+                f"upload source {path!r} changed while it was uploaded; the object "
+                f"{destination} was removed again. Write the file completely before the upload runs."
+            )
+        stats.files += 1
+        stats.bytes += before.st_size
+        stats.verified += sha256 is not None
+
+    # --- download -------------------------------------------------------------------------
+    def download(self, source: StoreURI, local_path: str) -> TransferStats:
+        started = time.perf_counter()
+        stats = TransferStats("download", str(source), local_path)
+        if source.is_folder:
+            found = False
+            for obj in self._list(source, stats):
+                relative = obj.location.key[len(source.key):]
+                if relative.endswith("/") or TEMP_MARK in relative:
+                    continue  # folder markers made by consoles; our own leftovers
+                found = True
+                target = local_path_for_key(local_path, relative, str(obj.location))
+                self._download_one(obj, target, stats)
+            if not found:
+                raise FileNotFoundError(
+                    f"download {source}: no objects under this folder [endpoint "
+                    f"{self.backend.endpoint}]; check the prefix (a folder with no files "
+                    "uploads nothing)"
+                )
+        else:
+            obj = self._guard("read", str(source), lambda: self.backend.stat(source), stats)
+            self._download_one(obj, local_path, stats)
+        return self._finish(stats, started)
+
+    def _list(self, prefix: StoreURI, stats: TransferStats) -> list[RemoteObject]:
+        return self._guard("list", str(prefix), lambda: list(self.backend.iter_objects(prefix)), stats)
+
+    def _download_one(self, obj: RemoteObject, local_path: str, stats: TransferStats) -> None:
+        def attempt() -> RemoteObject:
+            # Each attempt starts a fresh temporary file: a retried transfer
+            # never mixes bytes of two attempts.
+            with atomic_download(local_path) as (f, _temp):
+                sink = VerifyingSink(f, hashing=self.verify)
+                seen = self.backend.get_into(obj, sink)
+                expected = seen.sha256 if seen.sha256 is not None else obj.sha256
+                if self.verify and expected is not None:
+                    actual = sink.hexdigest()
+                    if actual != expected:
+                        raise ChecksumMismatchError(
+                            f"checksum mismatch for {obj.location}: stored sha256 {expected}, "
+                            f"received {actual} ({sink.bytes_written} bytes); the object was "
+                            f"changed or corrupted. {local_path!r} was left untouched."
+                        )
+                return seen
+
+        seen = self._guard("download", str(obj.location), attempt, stats)
+        stats.files += 1
+        stats.bytes += seen.size
+        if self.verify and (seen.sha256 or obj.sha256):
+            stats.verified += 1
+        else:
+            stats.unverified.append(str(obj.location))
+
+    # --- copy -----------------------------------------------------------------------------
+    def copy(self, source: StoreURI, destination: StoreURI) -> TransferStats:
+        started = time.perf_counter()
+        stats = TransferStats("copy", str(source), str(destination))
+        if source.is_folder != destination.is_folder:
+            raise ValueError(
+                f"copy {source} -> {destination}: both must be folders (ending in '/') or both objects"
+            )
+        if source.is_folder:
+            pairs = [
+                (obj, destination.child(obj.location.key[len(source.key):]))
+                for obj in self._list(source, stats)
+                if not obj.location.key.endswith("/")
+            ]
+            if not pairs:
+                raise FileNotFoundError(f"copy {source}: no objects under this folder")
+        else:
+            pairs = [(self._guard("read", str(source), lambda: self.backend.stat(source), stats),
+                      destination)]
+        for obj, target in pairs:
+            self._guard("copy", f"{obj.location} -> {target}",
+                        lambda: self.backend.copy(obj, target), stats)
+            stats.files += 1
+            stats.bytes += obj.size
+            stats.verified += obj.sha256 is not None
+        return self._finish(stats, started)
+
+
+def _walk_files(root: str) -> Iterator[tuple[str, str]]:
+    """(path, relative key) of every regular file below ``root``; refuses symlinks."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in list(dirnames):
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                raise ValueError(
+                    f"refusing to upload {root!r}: {full!r} is a symbolic link "
+                    "(links are not followed; copy the target into the folder instead)"
+                )
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            if TEMP_MARK in name:
+                continue
+            if os.path.islink(full):
+                raise ValueError(
+                    f"refusing to upload {root!r}: {full!r} is a symbolic link "
+                    "(links are not followed; copy the target into the folder instead)"
+                )
+            relative = os.path.relpath(full, root).replace(os.sep, "/")
+            yield full, posixpath.normpath(relative)

@@ -1,0 +1,214 @@
+"""``LotStrategy``: the Covalent ``FileTransferStrategy`` every backend shares.
+
+A strategy is built on the client (from arguments, environment and
+covalent.conf, validated there). ``upload``/``download``/``cp`` return small
+callables that Covalent cloudpickles and runs on the executor; they carry only
+plain, non-secret values (URIs, paths, resolved options) and build the SDK
+client, and so resolve credentials, when they run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, ClassVar, Mapping
+
+from . import _covalent
+from ._config import Option, Settings, resolve
+from ._covalent import FileTransferStrategy, FtCallDepReturnValue, original_path, resolve_template
+from ._engine import Engine, TransferStats
+from ._retry import RetryPolicy
+from ._uri import StoreURI, check_template, parse_uri
+
+__all__ = ["LotStrategy", "strategy_for", "STRATEGIES", "require_sdk", "build_engine"]
+
+# scheme -> "module:Class"; modules are imported only when a scheme is used.
+STRATEGIES: dict[str, str] = {
+    "s3": "covalent_lot.strategies.s3:S3Strategy",
+}
+
+
+def _load(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def strategy_for(uri_or_scheme: str, **options: Any) -> "LotStrategy":
+    """A strategy for the scheme of ``uri_or_scheme``, built from ``options`` + config."""
+    scheme = uri_or_scheme.split("://", 1)[0].lower()
+    if scheme not in STRATEGIES:
+        raise ValueError(
+            f"no covalent-lot strategy for scheme {scheme!r} (from {uri_or_scheme!r}); "
+            f"supported: {', '.join(sorted(STRATEGIES))}"
+        )
+    return _load(STRATEGIES[scheme])(**options)
+
+
+def require_sdk(module: str, extra: str) -> None:
+    """Import check with the install line in the message."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"the {extra} backend of covalent-lot needs {module.split('.')[0]}: "
+            f"pip install covalent-lot[{extra}]"
+        ) from exc
+
+
+def build_engine(backend_path: str, settings: Mapping[str, Any]) -> Engine:
+    backend = _load(backend_path)(settings)
+    policy = RetryPolicy(settings["max_attempts"], settings["base_delay"], settings["max_delay"])
+    return Engine(backend, policy, verify=settings["verify"])
+
+
+class TransferCall:
+    """What Covalent pickles and runs on the executor for one file transfer."""
+
+    def __init__(self, action: str, backend: str, settings: dict, source: str, destination: str):
+        self.action = action
+        self.backend = backend
+        self.settings = settings
+        self.source = source
+        self.destination = destination
+
+    def __call__(self) -> TransferStats:
+        source = resolve_template(self.source)
+        destination = resolve_template(self.destination)
+        engine = build_engine(self.backend, self.settings)
+        try:
+            if self.action == "upload":
+                return engine.upload(source, parse_uri(destination))
+            if self.action == "download":
+                return engine.download(parse_uri(source), destination)
+            return engine.copy(parse_uri(source), parse_uri(destination))
+        finally:
+            engine.backend.close()
+
+    def __repr__(self) -> str:
+        return f"<covalent-lot {self.action} {self.source} -> {self.destination}>"
+
+
+class PreTransferHook:
+    """Runs before the electron: resolves paths, makes the local folder, returns them."""
+
+    def __init__(self, source: str, destination: str, local: str, folder: bool, returns: str):
+        self.source = source
+        self.destination = destination
+        self.local = local  # "source" or "destination": the local side
+        self.folder = folder
+        self.returns = returns
+
+    def __call__(self):
+        source = resolve_template(self.source)
+        destination = resolve_template(self.destination)
+        local = source if self.local == "source" else destination
+        os.makedirs(local if self.folder else os.path.dirname(os.path.abspath(local)), exist_ok=True)
+        if self.returns == FtCallDepReturnValue.TO.value:
+            return destination
+        if self.returns == FtCallDepReturnValue.FROM.value:
+            return source
+        return (source, destination)
+
+
+class LotStrategy(FileTransferStrategy):
+    """Base of covalent-lot's strategies; subclasses name their backend and options."""
+
+    scheme: ClassVar[str]
+    section: ClassVar[str]  # covalent.conf section below [lot]
+    extra: ClassVar[str]  # pip extra
+    sdk_module: ClassVar[str]
+    backend_path: ClassVar[str]  # "module:Class" of the Backend, imported on the executor
+    options: ClassVar[dict[str, Option]]
+
+    def __init__(self, **options: Any):
+        require_sdk(self.sdk_module, self.extra)
+        self.settings: Settings = resolve(
+            self.section, self.options, options, owner=f"{type(self).__name__}()"
+        )
+
+    # --- validation on the client -----------------------------------------------------
+    def check_location(self, location: StoreURI) -> None:
+        """Backend rules for bucket names etc.; raise ValueError."""
+
+    def parse(self, uri: str) -> StoreURI:
+        location = parse_uri(uri, schemes=(self.scheme,))
+        self.check_location(location)
+        return location
+
+    def _local(self, file, what: str) -> str:
+        path = original_path(file, remote=False)
+        check_template(path, what)
+        if not os.path.isabs(path):
+            raise ValueError(
+                f"{what} {path!r} must be absolute: electrons run in another working directory"
+            )
+        return path
+
+    def _call(self, action: str, source: str, destination: str) -> TransferCall:
+        return TransferCall(action, self.backend_path, self.settings.as_dict(), source, destination)
+
+    # --- Covalent's FileTransferStrategy interface ------------------------------------
+    def upload(self, from_file, to_file) -> TransferCall:
+        destination = original_path(to_file, remote=True)
+        self.parse(destination)
+        return self._call("upload", self._local(from_file, "upload source"), destination)
+
+    def download(self, from_file, to_file) -> TransferCall:
+        source = original_path(from_file, remote=True)
+        self.parse(source)
+        return self._call("download", source, self._local(to_file, "download destination"))
+
+    def cp(self, from_file, to_file) -> TransferCall:
+        source = original_path(from_file, remote=True)
+        destination = original_path(to_file, remote=True)
+        if not (from_file.is_remote and to_file.is_remote):
+            raise ValueError(
+                f"{type(self).__name__}.cp copies between two {self.scheme}:// URIs "
+                f"(server side); got {source!r} -> {destination!r}"
+            )
+        self.parse(source)
+        self.parse(destination)
+        return self._call("copy", source, destination)
+
+    def pre_transfer_hook(self, from_file, to_file, return_value_type=FtCallDepReturnValue.FROM_TO):
+        local_is_source = not from_file.is_remote
+        local_file = from_file if local_is_source else to_file
+        remote_file = to_file if local_is_source else from_file
+        local = original_path(local_file, remote=False)
+        remote = original_path(remote_file, remote=True)
+        folder = remote.endswith("/") or local.endswith("/")
+        source, destination = (local, remote) if local_is_source else (remote, local)
+        return PreTransferHook(
+            source, destination, "source" if local_is_source else "destination", folder,
+            FtCallDepReturnValue(return_value_type).value,
+        )
+
+    # --- direct use, outside a workflow -----------------------------------------------
+    def put(self, local_path: str, uri: str) -> TransferStats:
+        """Upload now, in this process."""
+        return self._call("upload", os.fspath(local_path), uri)()
+
+    def get(self, uri: str, local_path: str) -> TransferStats:
+        """Download now, in this process."""
+        return self._call("download", uri, os.fspath(local_path))()
+
+    def copy(self, source_uri: str, destination_uri: str) -> TransferStats:
+        """Server-side copy now."""
+        self.parse(source_uri)
+        self.parse(destination_uri)
+        return self._call("copy", source_uri, destination_uri)()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings.items() if self.settings.sources[k] != 'default')})"
+
+
+def register(*schemes: str) -> None:
+    """Route Covalent's own ``FileTransfer("<scheme>://…")`` to covalent-lot.
+
+    Without arguments, every scheme covalent-lot has. Note that this replaces
+    Covalent's built-in strategy for ``s3``/``gs`` in this process.
+    """
+    for scheme in schemes or tuple(STRATEGIES):
+        if scheme not in STRATEGIES:
+            raise ValueError(f"no covalent-lot strategy for scheme {scheme!r}")
+        _covalent.register_scheme(scheme, _load(STRATEGIES[scheme]))

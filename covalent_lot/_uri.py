@@ -1,0 +1,115 @@
+"""Storage URIs: parsed once into a small value type, validated with clear errors.
+
+Keys are taken literally: no percent-decoding, so a key may hold any character
+the service allows except the few that would make the URI ambiguous (``?``,
+``#``) or unsafe to map onto a local path (``.``/``..`` segments, ``//``).
+Two placeholders may stand in a key: ``{dispatch_id}`` and ``{node_id}``; they
+are resolved when a transfer runs inside an electron (see ``render``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["StoreURI", "parse_uri", "PLACEHOLDERS", "check_template", "render"]
+
+PLACEHOLDERS = ("dispatch_id", "node_id")
+_BRACES = re.compile(r"\{([^{}]*)\}")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_template(text: str, what: str) -> None:
+    """Reject braces that are not one of the known placeholders."""
+    for name in _BRACES.findall(text):
+        if name not in PLACEHOLDERS:
+            raise ValueError(
+                f"{what} {text!r} has an unknown placeholder {{{name}}}: only "
+                + ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+                + " are resolved"
+            )
+    stripped = _BRACES.sub("", text)
+    if "{" in stripped or "}" in stripped:
+        raise ValueError(f"{what} {text!r} has an unbalanced brace")
+
+
+def render(text: str, values: dict[str, str]) -> str:
+    """Fill the placeholders of ``text`` from ``values``."""
+    return _BRACES.sub(lambda m: str(values[m.group(1)]), text)
+
+
+def has_placeholders(text: str) -> bool:
+    return bool(_BRACES.search(text))
+
+
+@dataclass(frozen=True)
+class StoreURI:
+    """``scheme://bucket/key``; a key that is empty or ends in ``/`` names a folder."""
+
+    scheme: str
+    bucket: str
+    key: str
+
+    @property
+    def is_folder(self) -> bool:
+        return self.key == "" or self.key.endswith("/")
+
+    @property
+    def name(self) -> str:
+        """Last segment of the key (without a trailing slash)."""
+        return self.key.rstrip("/").rsplit("/", 1)[-1]
+
+    def child(self, relative: str) -> "StoreURI":
+        """The object ``relative`` below this folder."""
+        if not self.is_folder:
+            raise ValueError(f"{self} is not a folder URI (it does not end with '/')")
+        return StoreURI(self.scheme, self.bucket, self.key + relative)
+
+    def as_folder(self) -> "StoreURI":
+        return self if self.is_folder else StoreURI(self.scheme, self.bucket, self.key + "/")
+
+    def render(self, values: dict[str, str]) -> "StoreURI":
+        return StoreURI(self.scheme, self.bucket, render(self.key, values))
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.bucket}/{self.key}"
+
+
+def parse_uri(uri: str, schemes: tuple[str, ...] | None = None) -> StoreURI:
+    """Parse ``uri``; ``schemes`` limits which schemes are accepted."""
+    if not isinstance(uri, str):
+        raise TypeError(f"a storage URI must be a str, not {type(uri).__name__}: {uri!r}")
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"invalid storage URI {uri!r}: {why}")
+
+    match = _SCHEME.match(uri)
+    if not match:
+        raise bad("expected scheme://bucket/key, e.g. s3://my-bucket/runs/data.npy")
+    scheme = match.group(1).lower()
+    if schemes is not None and scheme not in schemes:
+        raise bad(f"scheme {scheme!r} is not one of {', '.join(schemes)}")
+    rest = uri[match.end():]
+    if _CONTROL.search(rest):
+        raise bad("control characters are not allowed")
+    if "?" in rest or "#" in rest:
+        raise bad("query strings and fragments ('?', '#') are not supported; pass options as arguments")
+    bucket, sep, key = rest.partition("/")
+    if not bucket:
+        raise bad("no bucket name")
+    if not sep:
+        raise bad(f"no key; use {scheme}://{bucket}/ for the whole bucket as a folder")
+    if key.startswith("/"):
+        raise bad("the key starts with '/' (empty path segment)")
+    segments = key.split("/")
+    inner = segments[:-1] if key.endswith("/") else segments
+    for segment in inner:
+        if segment == "" and key:
+            raise bad("empty path segment ('//')")
+        if segment in (".", ".."):
+            raise bad(f"'{segment}' path segments are not allowed")
+    check_template(key, "key of URI")
+    if _BRACES.search(bucket):
+        raise bad("placeholders are only resolved in the key, not in the bucket name")
+    return StoreURI(scheme, bucket, key)

@@ -1,0 +1,661 @@
+"""Real servers on loopback for the integration tests: SeaweedFS (S3) and Covalent.
+
+Only the standard library and psutil are used, so the harness can be imported
+before anything else (in particular before ``covalent``, whose import writes its
+config file).
+
+Rules this module keeps:
+
+* every server binds 127.0.0.1 on ports picked here, never a fixed default, so
+  several test sessions can share a machine;
+* every server runs in its own session / process group, so stopping it can take
+  the whole tree (uvicorn, dask nannies and workers, ...) down with one signal;
+* every wait has a deadline, and whatever is still alive at interpreter exit is
+  stopped by an ``atexit`` hook.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import json
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+import psutil
+
+__all__ = [
+    "free_port",
+    "dir_bytes",
+    "covalent_client_env",
+    "SeaweedS3",
+    "CovalentServer",
+]
+
+LOOPBACK = "127.0.0.1"
+
+# Servers still running; the atexit hook stops them if a test run forgets to.
+_LIVE: set = set()
+
+# Ports already handed out by this process. A port is only "reserved" once the
+# server binds it, so without this two calls in a row could return the same one.
+_HANDED_OUT: set[int] = set()
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def _ephemeral_low() -> int:
+    """Lowest port the kernel hands to outgoing connections (default 32768)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _can_bind(port: int) -> bool:
+    # No SO_REUSEADDR: a port in TIME_WAIT or held by a 0.0.0.0/[::] listener
+    # then counts as busy, which is what we want.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(avoid_offsets: Iterable[int] = (10000,)) -> int:
+    """Return a free 127.0.0.1 TCP port ``p`` with ``p + offset`` free too.
+
+    SeaweedFS opens each main port + 10000 for gRPC, hence the default offset.
+    Candidates are drawn at random (so parallel sessions rarely race for the
+    same port) below the kernel's ephemeral range when possible, because a port
+    in that range can be taken at any moment by an outgoing connection.
+    Result ports (and their offsets) are always < 65536 and the port < 55000.
+    """
+    offsets = tuple(avoid_offsets)
+    top = max(offsets, default=0)
+    low = 10000
+    high = min(55000, _ephemeral_low() - top)
+    if high - low < 1000:  # odd kernel setting: accept the ephemeral range
+        high = min(55000, 65535 - top)
+    for _ in range(500):
+        port = random.randrange(low, high)
+        wanted = [port] + [port + off for off in offsets]
+        if any(p in _HANDED_OUT for p in wanted):
+            continue
+        if all(_can_bind(p) for p in wanted):
+            _HANDED_OUT.update(wanted)
+            return port
+    raise RuntimeError(f"no free port pair found in [{low}, {high}) after 500 tries")
+
+
+# ------------------------------------------------------------------- process trees
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _group_members(pgid):
+            return True
+        time.sleep(0.1)
+    return not _group_members(pgid)
+
+
+def _kill_group(pgid: int, term_timeout: float = 15.0, kill_timeout: float = 5.0) -> None:
+    """SIGTERM a process group, then SIGKILL whatever is left; bounded."""
+    for sig, timeout in ((signal.SIGTERM, term_timeout), (signal.SIGKILL, kill_timeout)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            # The id was reused by someone else's group: nothing of ours is left.
+            return
+        if _wait_group_gone(pgid, timeout):
+            return
+    left = _group_members(pgid)
+    if left:
+        raise RuntimeError(f"processes of group {pgid} survived SIGKILL: {[p.pid for p in left]}")
+
+
+def _reap(proc: Optional[subprocess.Popen], timeout: float = 5.0) -> None:
+    """Collect our direct child's exit status so it does not linger as a zombie."""
+    if proc is None:
+        return
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _tail(path: Path, nbytes: int = 4000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - nbytes))
+            return f.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"<no log at {path}: {exc}>"
+
+
+def _http_status(url: str, timeout: float = 1.0) -> Optional[int]:
+    """HTTP status of a GET, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:  # an error status still means "answering"
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def dir_bytes(path: os.PathLike | str) -> int:
+    """Total size of the regular files under ``path`` (0 if it does not exist)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _bin(name: str) -> str:
+    """A console script of this venv first (the one pytest runs in), then PATH."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name!r} not found next to {sys.executable} nor on PATH")
+    return found
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for server in list(_LIVE):
+        try:
+            server.stop()
+        except Exception:  # interpreter is exiting: best effort only
+            pass
+
+
+# ------------------------------------------------------------------------ SeaweedFS
+
+# Environment variables SeaweedFS reads that would change its behaviour behind our
+# back: AWS_* keys switch on authentication, S3_* pre-create buckets, WEED_* override
+# its TOML configuration.
+_SEAWEED_ENV_PREFIXES = ("AWS_", "S3_", "WEED_")
+
+
+class SeaweedS3:
+    """A private ``weed mini`` (master, volume, filer, S3) on loopback.
+
+    With ``access_key``/``secret_key`` the S3 gateway *enforces* them (SeaweedFS
+    turns on auth when AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY are set at start);
+    without them it accepts any credentials.
+
+    Bucket names it accepts follow the AWS rules: 3-63 characters of lowercase
+    letters, digits, '-' and '.', starting and ending with a letter or digit, no
+    '..', not an IP address, no 'xn--' prefix nor '-s3alias' suffix.
+    """
+
+    def __init__(
+        self,
+        workdir: os.PathLike | str,
+        access_key: Optional[str] = None,
+        secret_key: Optional[str] = None,
+        start_timeout: float = 60.0,
+    ) -> None:
+        if (access_key is None) != (secret_key is None):
+            raise ValueError("give both access_key and secret_key, or neither")
+        self.workdir = Path(workdir).resolve()
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.start_timeout = start_timeout
+        self.data_dir = self.workdir / "data"
+        self.log_path = self.workdir / "weed.log"
+        self.ports: dict[str, int] = {}
+        self._proc: Optional[subprocess.Popen] = None
+        self._log = None
+        self.start_seconds: Optional[float] = None
+
+    # -- public surface
+
+    @property
+    def s3_port(self) -> int:
+        return self.ports["s3"]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.s3_port}"
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> "SeaweedS3":
+        if self._proc is not None:
+            raise RuntimeError("SeaweedS3 already started")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        # A port can be taken between free_port() and weed's bind; weed then exits
+        # with "address already in use", so retry with fresh ports a few times.
+        for attempt in range(3):
+            try:
+                self._start_once()
+                self.start_seconds = time.monotonic() - t0
+                return self
+            except _PortClash:
+                self._cleanup_after_exit()
+                if attempt == 2:
+                    raise RuntimeError(
+                        "weed could not bind its ports 3 times; log tail:\n" + _tail(self.log_path)
+                    ) from None
+        return self  # not reached
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _kill_group(proc.pid)
+            _reap(proc)
+        self._cleanup_after_exit()
+        _LIVE.discard(self)
+
+    def __enter__(self) -> "SeaweedS3":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- internals
+
+    def _env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_SEAWEED_ENV_PREFIXES)}
+        # weed looks for *.toml in ., ~/.seaweedfs and /etc/seaweedfs: keep ~ private.
+        env["HOME"] = str(self.workdir / "home")
+        env["TMPDIR"] = str(self.workdir / "tmp")
+        if self.access_key is not None:
+            env["AWS_ACCESS_KEY_ID"] = self.access_key
+            env["AWS_SECRET_ACCESS_KEY"] = self.secret_key
+        return env
+
+    def _socket_path(self, name: str) -> Optional[str]:
+        # Unix socket paths are limited to 107 bytes; fall back to weed's default
+        # (/tmp/seaweedfs-<name>-<port>.sock, unique per port) when too long.
+        path = str(self.workdir / f"{name}.sock")
+        return path if len(path.encode()) < 100 else None
+
+    def _start_once(self) -> None:
+        self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
+        if self.data_dir.exists():
+            # mini.options in the data dir would pin the previous attempt's ports.
+            shutil.rmtree(self.data_dir)
+        for sub in (self.data_dir, self.workdir / "home", self.workdir / "tmp"):
+            sub.mkdir(parents=True, exist_ok=True)
+        args = [
+            _bin("weed"),
+            "-logtostderr",  # glog would otherwise write weed.* files into /tmp
+            "mini",
+            f"-dir={self.data_dir}",
+            f"-ip={LOOPBACK}",
+            f"-ip.bind={LOOPBACK}",
+            f"-master.port={self.ports['master']}",
+            f"-volume.port={self.ports['volume']}",
+            f"-filer.port={self.ports['filer']}",
+            f"-s3.port={self.ports['s3']}",
+            f"-admin.port={self.ports['admin']}",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+        ]
+        for name in ("filer", "s3"):
+            sock = self._socket_path(name)
+            if sock:
+                args.append(f"-{name}.localSocket={sock}")
+        self._log = open(self.log_path, "ab")
+        self._proc = subprocess.Popen(
+            args,
+            cwd=self.workdir,
+            env=self._env(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own group: stop() signals the group
+        )
+        _LIVE.add(self)
+        try:
+            self._wait_ready()
+        except BaseException:
+            proc, self._proc = self._proc, None
+            _kill_group(proc.pid)
+            _reap(proc)
+            _LIVE.discard(self)
+            raise
+
+    def _wait_ready(self) -> None:
+        """Wait until S3 answers and a volume server has joined the master.
+
+        S3's /healthz answers before the volume server registers; a PUT in that
+        window fails, so also wait for the master to report free volume slots.
+        """
+        deadline = time.monotonic() + self.start_timeout
+        master = f"http://{LOOPBACK}:{self.ports['master']}/dir/status"
+        while time.monotonic() < deadline:
+            rc = self._proc.poll()
+            if rc is not None:
+                log = _tail(self.log_path)
+                if "address already in use" in log:
+                    raise _PortClash()
+                raise RuntimeError(f"weed mini exited with {rc} while starting; log tail:\n{log}")
+            if _http_status(self.endpoint + "/healthz") is not None and self._volume_joined(master):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"weed mini not ready after {self.start_timeout:.0f}s; log tail:\n{_tail(self.log_path)}"
+        )
+
+    @staticmethod
+    def _volume_joined(master_status_url: str) -> bool:
+        try:
+            with urllib.request.urlopen(master_status_url, timeout=1.0) as resp:
+                topo = json.load(resp).get("Topology") or {}
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        return bool(topo.get("Free")) or bool(topo.get("DataCenters"))
+
+    def _cleanup_after_exit(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        # weed puts its gRPC unix sockets in /tmp whatever TMPDIR says, and a
+        # killed (not terminated) weed leaves them behind: remove ours only.
+        for name, port in self.ports.items():
+            for path in (
+                f"/tmp/seaweedfs-{name}-{port}.sock",
+                f"/tmp/seaweedfs-{name}-grpc-{port + 10000}.sock",
+            ):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+
+class _PortClash(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------- Covalent
+
+# Inherited variables that would change where covalent keeps state or how it runs.
+_COVALENT_ENV_PREFIX = "COVALENT_"
+
+
+def covalent_client_env(workdir: os.PathLike | str, port: int) -> dict:
+    """Environment a client process needs to use the private server in ``workdir``.
+
+    covalent computes every path from these variables when its config file is
+    first written (``import covalent`` already writes it); afterwards the file
+    wins. XDG_CACHE_HOME is in the list because the executor plugins' defaults
+    (the dask executor's cache_dir/workdir, where every task writes pickles and
+    stdout/stderr) come from it and are seeded by whichever process imports
+    covalent first, usually the client.
+    """
+    w = Path(workdir).resolve()
+    return {
+        "COVALENT_CONFIG_DIR": str(w / "config"),
+        "COVALENT_DATA_DIR": str(w / "data"),
+        "COVALENT_CACHE_DIR": str(w / "cache"),
+        "COVALENT_LOGDIR": str(w / "logs"),
+        "COVALENT_DATABASE": str(w / "db" / "dispatcher.sqlite"),
+        "COVALENT_EXECUTOR_DIR": str(w / "executor_plugins"),
+        "COVALENT_DISPATCH_CACHE_DIR": str(w / "dispatches"),
+        "COVALENT_RESULTS_DIR": str(w / "results"),
+        "COVALENT_HEARTBEAT_FILE": str(w / "cache" / "heartbeat"),
+        "COVALENT_SVC_PORT": str(port),
+        # "localhost" would be the default; the server binds whatever this says.
+        "COVALENT_DISPATCHER_ADDR": LOOPBACK,
+        "XDG_CACHE_HOME": str(w / "xdg-cache"),
+    }
+
+
+class CovalentServer:
+    """A private ``covalent start`` (uvicorn + local dask cluster) on loopback.
+
+    ``env`` holds what a client needs (see :func:`covalent_client_env`);
+    ``server_env`` is the full environment of the server, which its dask worker
+    processes - where electrons run - inherit, so ``env_extra`` (AWS keys, ...)
+    reaches the electrons. A value of None in ``env_extra`` removes the variable.
+
+    Where things are written:
+
+    * ``data_dir``: server-side workflow data, ``<dispatch_id>/node_<i>/...``;
+    * ``executor_cache_dir``: the dask executor's per-task pickles and
+      stdout/stderr files (never cleaned up by covalent);
+    * ``results_dir``: client-side downloads of ``ct.get_result`` (the
+      manifest's assets, even with ``intermediate_outputs=False``);
+    * ``dispatch_cache_dir``: client-side staging of dispatched manifests;
+    * ``tmp_dir``: the server's TMPDIR (a sqlite dispatcher cache lives there).
+    """
+
+    def __init__(
+        self,
+        workdir: os.PathLike | str,
+        env_extra: Optional[Mapping[str, Optional[str]]] = None,
+        port: Optional[int] = None,
+        workers: int = 2,
+        start_timeout: float = 120.0,
+        stop_timeout: float = 60.0,
+    ) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.env_extra = dict(env_extra or {})
+        self.port = port if port is not None else free_port(avoid_offsets=())
+        self.workers = workers
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.start_log_path = self.workdir / "covalent-cli.log"
+        self._pgid: Optional[int] = None
+        self._cli_proc: Optional[subprocess.Popen] = None
+        self.start_seconds: Optional[float] = None
+
+    # -- paths
+
+    @property
+    def env(self) -> dict:
+        return covalent_client_env(self.workdir, self.port)
+
+    @property
+    def config_file(self) -> Path:
+        return self.workdir / "config" / "covalent.conf"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.workdir / "results"
+
+    @property
+    def dispatch_cache_dir(self) -> Path:
+        return self.workdir / "dispatches"
+
+    @property
+    def executor_cache_dir(self) -> Path:
+        return self.workdir / "xdg-cache" / "covalent"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.workdir / "tmp"
+
+    @property
+    def home_dir(self) -> Path:
+        return self.workdir / "home"
+
+    @property
+    def server_log_path(self) -> Path:
+        return self.workdir / "logs" / "covalent_ui.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def server_env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_COVALENT_ENV_PREFIX)}
+        # A private HOME keeps dask, boto3 (~/.aws) and anything else an electron
+        # imports away from the real home; XDG_* would otherwise win over HOME.
+        for var in ("XDG_CONFIG_DIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME"):
+            env.pop(var, None)
+        env["HOME"] = str(self.home_dir)
+        env["TMPDIR"] = str(self.tmp_dir)
+        env.update(self.env)
+        for key, value in self.env_extra.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = str(value)
+        return env
+
+    # -- lifecycle
+
+    def start(self) -> "CovalentServer":
+        if self._pgid is not None:
+            raise RuntimeError("CovalentServer already started")
+        # covalent writes its pid file into the cache dir without creating it
+        # (FileNotFoundError after the server was already launched), so every
+        # directory must exist first.
+        env = self.env
+        for var in (
+            "COVALENT_CONFIG_DIR",
+            "COVALENT_DATA_DIR",
+            "COVALENT_CACHE_DIR",
+            "COVALENT_LOGDIR",
+            "COVALENT_EXECUTOR_DIR",
+            "COVALENT_DISPATCH_CACHE_DIR",
+            "COVALENT_RESULTS_DIR",
+            "XDG_CACHE_HOME",
+        ):
+            Path(env[var]).mkdir(parents=True, exist_ok=True)
+        Path(env["COVALENT_DATABASE"]).parent.mkdir(parents=True, exist_ok=True)
+        for d in (self.home_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+        t0 = time.monotonic()
+        cmd = [_bin("covalent"), "start", "-p", str(self.port), "-n", str(self.workers)]
+        with open(self.start_log_path, "ab") as log:
+            # `covalent start` polls the server forever and the server inherits the
+            # CLI's process group: a new session makes the group ours to kill.
+            proc = subprocess.Popen(
+                cmd,
+                cwd=self.workdir,
+                env=self.server_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._pgid = proc.pid
+        self._cli_proc = proc
+        _LIVE.add(self)
+        try:
+            try:
+                rc = proc.wait(timeout=self.start_timeout)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(
+                    f"`covalent start` did not return within {self.start_timeout:.0f}s"
+                ) from None
+            # The CLI exits 0 even when it printed a traceback, so judge by the
+            # server itself: the port it actually got (it silently moves to the
+            # next free port when ours was taken) and an HTTP answer there.
+            self.port = self._port_from_config()
+            if rc != 0 or _http_status(self.url + "/", timeout=5.0) is None:
+                raise RuntimeError(f"`covalent start` exited {rc} and {self.url} does not answer")
+        except BaseException as exc:
+            self._kill()
+            if isinstance(exc, RuntimeError):
+                raise RuntimeError(f"{exc}\n{self._logs_tail()}") from None
+            raise
+        self.start_seconds = time.monotonic() - t0
+        return self
+
+    def stop(self) -> None:
+        if self._pgid is None:
+            _LIVE.discard(self)
+            return
+        try:
+            # `covalent stop` waits on uvicorn without a limit: bound it, in its
+            # own group so a hang can be killed without touching ours.
+            proc = subprocess.Popen(
+                [_bin("covalent"), "stop"],
+                cwd=self.workdir,
+                env=self.server_env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            try:
+                proc.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc.pid, term_timeout=2.0)
+                _reap(proc)
+        finally:
+            self._kill()
+
+    def __enter__(self) -> "CovalentServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- internals
+
+    def _kill(self) -> None:
+        """Whatever `covalent stop` left of the server's group (dask workers...)."""
+        pgid, self._pgid = self._pgid, None
+        cli, self._cli_proc = self._cli_proc, None
+        if pgid is not None:
+            _kill_group(pgid)
+        _reap(cli)
+        _LIVE.discard(self)
+
+    def _port_from_config(self) -> int:
+        try:
+            with open(self.config_file, "rb") as f:
+                return int(tomllib.load(f)["dispatcher"]["port"])
+        except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError):
+            return self.port
+
+    def _logs_tail(self) -> str:
+        return (
+            f"--- {self.start_log_path} ---\n{_tail(self.start_log_path)}\n"
+            f"--- {self.server_log_path} ---\n{_tail(self.server_log_path)}"
+        )

@@ -1,0 +1,279 @@
+"""S3 and S3-compatible storage (``s3://bucket/key``), on boto3.
+
+Transfers use boto3's own managed transfers (``TransferConfig``: multipart
+threshold, part size, concurrency); covalent-lot adds the checksum, atomic
+local files, retries and the error table from the engine.
+
+Credentials are never options: boto3's default chain (environment, shared
+files, instance roles) or the named ``profile`` resolves them on the executor
+when the transfer runs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator, Mapping
+
+from covalent_lot._config import Option
+from covalent_lot._engine import Backend, RemoteObject
+from covalent_lot._errors import Classified, ErrorKind
+from covalent_lot._stream import CHECKSUM_KEY, CHUNK, VerifyingSink
+from covalent_lot._strategy import LotStrategy
+from covalent_lot._uri import StoreURI
+
+__all__ = ["S3Strategy", "S3Backend", "OPTIONS"]
+
+MiB = 1024 * 1024
+
+OPTIONS: dict[str, Option] = {
+    "endpoint_url": Option("str", None, "S3-compatible endpoint, e.g. http://127.0.0.1:8333"),
+    "region_name": Option("str", None, "region (default: boto3's, e.g. AWS_DEFAULT_REGION)"),
+    "profile": Option("str", None, "AWS profile name, resolved on the executor"),
+    "addressing_style": Option("str", "auto", "bucket addressing", choices=("auto", "path", "virtual")),
+    "sse": Option("str", None, "server-side encryption", choices=("AES256", "aws:kms", "aws:kms:dsse")),
+    "sse_kms_key_id": Option("str", None, "KMS key id/ARN when sse is aws:kms"),
+    "multipart_threshold": Option("size", 16 * MiB, "objects from this size use multipart", 5 * MiB),
+    "multipart_chunksize": Option("size", 16 * MiB, "part size of multipart transfers", 5 * MiB),
+    "max_concurrency": Option("int", 8, "parallel part requests per object", 1),
+    "connect_timeout": Option("float", 10.0, "seconds to connect", 0.001),
+    "read_timeout": Option("float", 60.0, "seconds to wait for data", 0.001),
+}
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchVersion"}
+_DENIED = {
+    "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled",
+    "AccountProblem", "InvalidSecurity", "401", "Unauthorized",
+}
+_EXISTS = {"PreconditionFailed", "412", "ConditionalRequestConflict", "BucketAlreadyExists"}
+_THROTTLED = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "TooManyRequests", "RequestThrottled", "429", "503", "ServiceUnavailable",
+}
+_TIMEOUT = {"RequestTimeout", "RequestTimeoutException"}
+_INVALID = {
+    "InvalidBucketName", "KeyTooLongError", "InvalidArgument", "InvalidRequest",
+    "InvalidStorageClass", "InvalidObjectName", "MetadataTooLarge",
+}
+
+
+def _bucket_problem(bucket: str) -> str | None:
+    if not _BUCKET.match(bucket):
+        return "3-63 characters of lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
+    if ".." in bucket or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", bucket):
+        return "no '..' and not an IP address"
+    return None
+
+
+class S3Backend(Backend):
+    scheme = "s3"
+
+    def __init__(self, settings: Mapping[str, Any]):
+        super().__init__(settings)
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        session = boto3.session.Session(profile_name=settings["profile"])
+        self._client = session.client(
+            "s3",
+            endpoint_url=settings["endpoint_url"],
+            region_name=settings["region_name"],
+            config=Config(
+                s3={"addressing_style": settings["addressing_style"]},
+                retries={"mode": "standard", "total_max_attempts": settings["max_attempts"]},
+                connect_timeout=settings["connect_timeout"],
+                read_timeout=settings["read_timeout"],
+                max_pool_connections=max(10, settings["max_concurrency"] + 2),
+            ),
+        )
+        self._transfer = TransferConfig(
+            multipart_threshold=settings["multipart_threshold"],
+            multipart_chunksize=settings["multipart_chunksize"],
+            max_concurrency=settings["max_concurrency"],
+            use_threads=True,
+        )
+        self._extra: dict[str, str] = {}
+        if settings["sse"] is not None:
+            self._extra["ServerSideEncryption"] = settings["sse"]
+        if settings["sse_kms_key_id"] is not None:
+            self._extra["SSEKMSKeyId"] = settings["sse_kms_key_id"]
+
+    @property
+    def endpoint(self) -> str:
+        return self._client.meta.endpoint_url
+
+    def stat(self, location: StoreURI) -> RemoteObject:
+        try:
+            head = self._client.head_object(Bucket=location.bucket, Key=location.key)
+        except Exception as exc:
+            if self._code(exc) in ("404", "NotFound", "NoSuchKey"):
+                self._raise_if_bucket_missing(location.bucket, exc)
+            raise
+        return self._object(location, head)
+
+    def _raise_if_bucket_missing(self, bucket: str, cause: BaseException) -> None:
+        """HEAD answers 404 for a missing key and a missing bucket alike: tell them apart."""
+        try:
+            self._client.head_bucket(Bucket=bucket)
+        except Exception as exc:
+            if self._code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                raise _MissingBucket(bucket) from cause
+        return None
+
+    @staticmethod
+    def _object(location: StoreURI, response: Mapping[str, Any]) -> RemoteObject:
+        return RemoteObject(
+            location,
+            response["ContentLength"],
+            response.get("Metadata", {}).get(CHECKSUM_KEY),
+            response.get("ETag"),
+        )
+
+    def iter_objects(self, prefix: StoreURI) -> Iterator[RemoteObject]:
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=prefix.bucket, Prefix=prefix.key
+        )
+        for page in pages:
+            for item in page.get("Contents", ()):
+                yield RemoteObject(
+                    StoreURI(prefix.scheme, prefix.bucket, item["Key"]), item["Size"], None, item.get("ETag")
+                )
+
+    def put_file(self, local_path: str, location: StoreURI, size: int, sha256: str | None) -> None:
+        extra = dict(self._extra)
+        if sha256 is not None:
+            extra["Metadata"] = {CHECKSUM_KEY: sha256}
+        # Single PUTs and multipart uploads both become visible only when
+        # complete; a failed multipart upload is aborted by boto3.
+        self._client.upload_file(local_path, location.bucket, location.key,
+                                 ExtraArgs=extra, Config=self._transfer)
+
+    def get_into(self, obj: RemoteObject, sink: VerifyingSink) -> RemoteObject:
+        location = obj.location
+        if obj.size < self._transfer.multipart_threshold:
+            # One GET returns data and metadata: no separate HEAD for small objects.
+            args = {"Bucket": location.bucket, "Key": location.key}
+            if obj.version:
+                args["IfMatch"] = obj.version
+            response = self._client.get_object(**args)
+            body = response["Body"]
+            try:
+                for chunk in body.iter_chunks(CHUNK):
+                    sink.write(chunk)
+            finally:
+                body.close()
+            return self._object(location, response)
+        if obj.sha256 is None:
+            obj = self.stat(location)  # a listing has no metadata; the checksum is in HEAD
+        # boto3 writes ranges in parallel (seek + write); the sink hashes them.
+        # It pins the ranged GETs to the ETag it sees (IfMatch) by itself.
+        self._client.download_fileobj(location.bucket, location.key, sink, Config=self._transfer)
+        return obj
+
+    def copy(self, source: RemoteObject, destination: StoreURI) -> None:
+        extra: dict[str, Any] = dict(self._extra)
+        if source.version:
+            extra["CopySourceIfMatch"] = source.version
+        # boto3's managed copy keeps metadata (incl. lot-sha256) for single and multipart copies.
+        self._client.copy({"Bucket": source.location.bucket, "Key": source.location.key},
+                          destination.bucket, destination.key, ExtraArgs=extra, Config=self._transfer)
+
+    def delete(self, location: StoreURI) -> None:
+        self._client.delete_object(Bucket=location.bucket, Key=location.key)
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- the error table ----------------------------------------------------------------
+    @staticmethod
+    def _code(exc: BaseException) -> str | None:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code", "")) or None
+        return None
+
+    def classify(self, exc: BaseException) -> Classified | None:
+        from botocore import exceptions as bx
+
+        for err in _chain(exc):
+            if isinstance(err, _MissingBucket):
+                return Classified(ErrorKind.NOT_FOUND, f"bucket {err.bucket!r} does not exist",
+                                  "create the bucket or fix its name")
+            if isinstance(err, bx.ClientError):
+                code = self._code(err) or ""
+                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                message = err.response.get("Error", {}).get("Message") or code
+                detail = f"{code}: {message}" if message != code else code
+                if code in _NOT_FOUND or status == 404:
+                    return Classified(ErrorKind.NOT_FOUND, detail or "no such object")
+                if code in _DENIED or status in (401, 403):
+                    return Classified(ErrorKind.DENIED, detail)
+                if code in _EXISTS or status == 412:
+                    return Classified(ErrorKind.EXISTS, detail,
+                                      "the object changed or exists; retry to read the new version")
+                if code in _THROTTLED or status in (429, 503):
+                    return Classified(ErrorKind.THROTTLED, detail)
+                if code in _TIMEOUT or status == 408:
+                    return Classified(ErrorKind.TIMEOUT, detail)
+                if status >= 500 or code in ("InternalError", "500"):
+                    return Classified(ErrorKind.SERVER, detail)
+                if code in _INVALID:
+                    return Classified(ErrorKind.INVALID, detail, "")
+                return Classified(ErrorKind.OTHER, detail, "")
+            if isinstance(err, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+                return Classified(ErrorKind.DENIED, "no AWS credentials found on the executor",
+                                  "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE there, "
+                                  "or profile in [lot.s3]")
+            if isinstance(err, bx.ProfileNotFound):
+                return Classified(ErrorKind.INVALID, str(err),
+                                  "fix profile in [lot.s3] or add it to ~/.aws/config on the executor")
+            if isinstance(err, (bx.ConnectTimeoutError, bx.ReadTimeoutError)):
+                return Classified(ErrorKind.TIMEOUT, str(err))
+            if isinstance(err, (bx.EndpointConnectionError, bx.ConnectionClosedError,
+                                bx.ResponseStreamingError, bx.ConnectionError,
+                                bx.IncompleteReadError)):
+                return Classified(ErrorKind.CONNECTION, str(err))
+            if isinstance(err, (ConnectionError, TimeoutError)) and not isinstance(err, bx.BotoCoreError):
+                kind = ErrorKind.TIMEOUT if isinstance(err, TimeoutError) else ErrorKind.CONNECTION
+                return Classified(kind, str(err))
+        return None
+
+
+class _MissingBucket(Exception):
+    def __init__(self, bucket: str):
+        super().__init__(f"bucket {bucket!r} does not exist")
+        self.bucket = bucket
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and its causes: boto3 wraps ClientErrors in S3UploadFailedError etc."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+class S3Strategy(LotStrategy):
+    """covalent-lot's S3 strategy; every option can come from ``[lot.s3]``.
+
+    ``S3Strategy()`` with no arguments is built from covalent.conf and the
+    environment (see the README's Configuration section).
+    """
+
+    scheme = "s3"
+    section = "s3"
+    extra = "s3"
+    sdk_module = "boto3"
+    backend_path = "covalent_lot.strategies.s3:S3Backend"
+    options = OPTIONS
+
+    def check_location(self, location: StoreURI) -> None:
+        problem = _bucket_problem(location.bucket)
+        if problem:
+            raise ValueError(f"invalid S3 bucket name {location.bucket!r} in {location}: {problem}")
+        if len(location.key.encode("utf-8")) > 1024:
+            raise ValueError(f"S3 keys are at most 1024 bytes of UTF-8; {location} is longer")
