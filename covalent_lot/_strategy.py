@@ -9,8 +9,11 @@ client, and so resolve credentials, when they run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
+import sys
 from typing import Any, ClassVar, Mapping
 
 from . import _covalent
@@ -61,6 +64,31 @@ def build_engine(backend_path: str, settings: Mapping[str, Any]) -> Engine:
     return Engine(backend, policy, verify=settings["verify"])
 
 
+@contextlib.contextmanager
+def _log_to_stderr_if_unconfigured():
+    """Show the transfer's INFO summary in the electron's captured stderr.
+
+    Covalent keeps what an electron writes to stderr as its log; with no
+    logging set up, Python would drop INFO records. A handler the user
+    configured is respected.
+    """
+    logger = logging.getLogger("covalent_lot")
+    if logger.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("covalent-lot: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    if level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 class TransferCall:
     """What Covalent pickles and runs on the executor for one file transfer."""
 
@@ -74,15 +102,16 @@ class TransferCall:
     def __call__(self) -> TransferStats:
         source = resolve_template(self.source)
         destination = resolve_template(self.destination)
-        engine = build_engine(self.backend, self.settings)
-        try:
-            if self.action == "upload":
-                return engine.upload(source, parse_uri(destination))
-            if self.action == "download":
-                return engine.download(parse_uri(source), destination)
-            return engine.copy(parse_uri(source), parse_uri(destination))
-        finally:
-            engine.backend.close()
+        with _log_to_stderr_if_unconfigured():
+            engine = build_engine(self.backend, self.settings)
+            try:
+                if self.action == "upload":
+                    return engine.upload(source, parse_uri(destination))
+                if self.action == "download":
+                    return engine.download(parse_uri(source), destination)
+                return engine.copy(parse_uri(source), parse_uri(destination))
+            finally:
+                engine.backend.close()
 
     def __repr__(self) -> str:
         return f"<covalent-lot {self.action} {self.source} -> {self.destination}>"

@@ -1,0 +1,36 @@
+# covalent-lot: `make install`, `make demo`, `make test`, `make bench`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test unit integration bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# The seed scenario on local servers: SeaweedFS (S3) + a private Covalent server.
+demo: $(STAMP)
+	$(PY) integration/demo.py
+
+# Unit tests (no network), then integration tests against real local servers.
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+	$(PY) -m pytest integration -q
+
+unit: $(STAMP)
+	$(PY) -m pytest tests -q
+
+integration: $(STAMP)
+	$(PY) -m pytest integration -q
+
+bench:
+	@echo "make bench: the benchmark suite arrives with issue #6 (speed and memory, side by side)."
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache
