@@ -1,0 +1,152 @@
+"""An in-memory ``Backend`` for engine tests (no SDK, no network).
+
+It implements only the primitives, as a real backend does, and has a few
+switches to misbehave on purpose: fail part-way through a read, return other
+bytes than the ones stored, write ranges out of order, change the local file
+while it is uploaded.
+
+Stores are kept in a module-level dict keyed by ``settings["fake_store"]`` so
+that a ``TransferCall`` (which builds its backend from a "module:Class" path
+and a settings dict) reaches the same objects as the test that set them up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+from covalent_lot._engine import Backend, RemoteObject
+from covalent_lot._errors import Classified, ErrorKind
+from covalent_lot._stream import VerifyingSink
+from covalent_lot._uri import StoreURI
+
+STORES: dict[str, dict[tuple[str, str], "Stored"]] = {}
+_versions = itertools.count(1)
+
+
+class FakeServiceError(Exception):
+    """What the fake service raises; ``classify`` maps it through ``kind``."""
+
+    def __init__(self, kind: ErrorKind, detail: str = ""):
+        super().__init__(f"{kind.name} {detail}".strip())
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass
+class Stored:
+    data: bytes
+    sha256: str | None
+    version: str
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class MemoryBackend(Backend):
+    scheme = "s3"
+
+    def __init__(self, settings: Mapping[str, Any] | None = None):
+        settings = dict(settings or {})
+        super().__init__(settings)
+        self.objects = STORES.setdefault(settings.get("fake_store", "default"), {})
+        self.calls: Counter[str] = Counter()
+        # Exceptions raised by get_into after half the bytes were written, one per call.
+        self.read_failures: list[BaseException] = []
+        # Bytes returned instead of the stored ones (the stored sha256 is kept).
+        self.serve_instead: dict[str, bytes] = {}
+        # Write the chunks of a read in reverse order (like parallel ranged GETs).
+        self.reverse_writes = False
+        self.chunk = 7
+        # Called with the local path while put_file streams it.
+        self.during_put: Callable[[str], None] | None = None
+        self.closed = False
+
+    # --- helpers for tests ---------------------------------------------------------------
+    def add(self, bucket: str, key: str, data: bytes, sha256: str | None | bool = True) -> None:
+        digest = sha(data) if sha256 is True else (None if sha256 is False else sha256)
+        self.objects[(bucket, key)] = Stored(data, digest, f'"v{next(_versions)}"')
+
+    def keys(self, bucket: str = "bkt") -> list[str]:
+        return sorted(k for b, k in self.objects if b == bucket)
+
+    def data(self, key: str, bucket: str = "bkt") -> bytes:
+        return self.objects[(bucket, key)].data
+
+    # --- Backend ---------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        return "memory://fake"
+
+    def _get(self, location: StoreURI) -> Stored:
+        try:
+            return self.objects[(location.bucket, location.key)]
+        except KeyError:
+            raise FakeServiceError(ErrorKind.NOT_FOUND, f"NoSuchKey {location.key}") from None
+
+    def stat(self, location: StoreURI) -> RemoteObject:
+        self.calls["stat"] += 1
+        stored = self._get(location)
+        return RemoteObject(location, len(stored.data), stored.sha256, stored.version)
+
+    def iter_objects(self, prefix: StoreURI) -> Iterator[RemoteObject]:
+        self.calls["iter_objects"] += 1
+        for (bucket, key), stored in sorted(self.objects.items()):
+            if bucket == prefix.bucket and key.startswith(prefix.key):
+                # Like a real listing: no metadata, so no checksum.
+                yield RemoteObject(StoreURI(prefix.scheme, bucket, key), len(stored.data),
+                                   None, stored.version)
+
+    def put_file(self, local_path: str, location: StoreURI, size: int, sha256: str | None) -> None:
+        self.calls["put_file"] += 1
+        parts = []
+        with open(local_path, "rb") as f:
+            while True:
+                block = f.read(self.chunk)
+                if not block:
+                    break
+                parts.append(block)
+                if self.during_put is not None:
+                    hook, self.during_put = self.during_put, None
+                    hook(local_path)
+        self.objects[(location.bucket, location.key)] = Stored(
+            b"".join(parts), sha256, f'"v{next(_versions)}"')
+
+    def get_into(self, obj: RemoteObject, sink: VerifyingSink) -> RemoteObject:
+        self.calls["get_into"] += 1
+        stored = self._get(obj.location)
+        data = self.serve_instead.get(obj.location.key, stored.data)
+        offsets = list(range(0, len(data), self.chunk))
+        if self.reverse_writes:
+            offsets.reverse()
+        failure = self.read_failures.pop(0) if self.read_failures else None
+        for i, offset in enumerate(offsets):
+            if failure is not None and i >= len(offsets) // 2:
+                raise failure
+            sink.seek(offset)
+            sink.write(data[offset:offset + self.chunk])
+        if failure is not None:
+            raise failure
+        return RemoteObject(obj.location, len(stored.data), stored.sha256, stored.version)
+
+    def copy(self, source: RemoteObject, destination: StoreURI) -> None:
+        self.calls["copy"] += 1
+        stored = self._get(source.location)
+        self.objects[(destination.bucket, destination.key)] = Stored(
+            stored.data, stored.sha256, f'"v{next(_versions)}"')
+
+    def delete(self, location: StoreURI) -> None:
+        self.calls["delete"] += 1
+        self.objects.pop((location.bucket, location.key), None)
+
+    def classify(self, exc: BaseException) -> Classified | None:
+        if isinstance(exc, FakeServiceError):
+            return Classified(exc.kind, exc.detail)
+        return None
+
+    def close(self) -> None:
+        self.closed = True
