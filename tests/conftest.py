@@ -77,7 +77,8 @@ def covalent_conf():
     """Write a ``[lot]`` table into the (temporary) covalent.conf; removed afterwards.
 
     Returns ``set_lot(table)``: replaces ``[lot]`` with ``table`` in the file and
-    in Covalent's in-memory copy, the way a user editing covalent.conf would.
+    in Covalent's in-memory copy, the way a user editing covalent.conf would; an
+    empty table removes ``[lot]``.
     """
     from covalent._shared_files import config as ct_config
 
@@ -86,7 +87,8 @@ def covalent_conf():
     def set_lot(table: dict) -> None:
         manager.config_data.pop("lot", None)
         manager.write_config()
-        ct_config.update_config({"lot": table})
+        if table:
+            ct_config.update_config({"lot": table})
 
     yield set_lot
     manager.config_data.pop("lot", None)
