@@ -18,6 +18,7 @@ unknown arguments are errors, with the closest known name suggested.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -44,7 +45,9 @@ def parse_size(value: Any) -> int:
             number, unit = match.group(1), (match.group(2) or "").lower()
             power = 0 if unit in ("", "b") else "kmgt".index(unit[0]) + 1
             base = 1024 if "i" in unit else 1000
-            return int(float(number) * base**power)
+            size = float(number) * base**power
+            if size.is_integer():
+                return int(size)
     raise ValueError(f"not a size: {value!r} (use bytes or e.g. '16MiB')")
 
 
@@ -69,16 +72,19 @@ def _parse_int(value: Any) -> int:
 
 
 def _parse_float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"not a number: {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
-    raise ValueError(f"not a number: {value!r}")
+    if number is None:
+        raise ValueError(f"not a number: {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value!r}")
+    return number
 
 
 def _parse_str(value: Any) -> str:

@@ -187,7 +187,8 @@ class Engine:
                     f"upload source {local_path!r} is a folder but {destination} names an object; "
                     "end the URI with '/' to upload a folder"
                 )
-            for path, relative in _walk_files(local_path):
+            # Walk first: a refused entry (a symlink) stops the upload before any byte moves.
+            for path, relative in list(_walk_files(local_path)):
                 self._upload_one(path, destination.child(relative), stats)
         elif os.path.isfile(local_path):
             if destination.is_folder:
@@ -232,7 +233,7 @@ class Engine:
             found = False
             for obj in self._list(source, stats):
                 relative = obj.location.key[len(source.key):]
-                if relative.endswith("/") or TEMP_MARK in relative:
+                if not relative or relative.endswith("/") or TEMP_MARK in relative:
                     continue  # folder markers made by consoles; our own leftovers
                 found = True
                 target = local_path_for_key(local_path, relative, str(obj.location))

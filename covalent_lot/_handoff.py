@@ -61,7 +61,8 @@ class Handoff:
             staging = self.strategy.settings["staging_dir"]
             if staging is None:
                 staging = os.path.join(tempfile.gettempdir(), "covalent-lot")
-            local_path = os.path.join(staging, "{dispatch_id}", "{node_id}", location.name)
+            name = location.name or location.bucket  # s3://bucket/ names the whole bucket
+            local_path = os.path.join(staging, "{dispatch_id}", "{node_id}", name)
             if location.is_folder:
                 local_path += "/"
         check_template(local_path, "local path")

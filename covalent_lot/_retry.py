@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -27,15 +28,25 @@ class RetryPolicy:
     max_delay: float = 20.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+        if (
+            not isinstance(self.max_attempts, int)
+            or isinstance(self.max_attempts, bool)
+            or self.max_attempts < 1
+        ):
             raise ValueError(f"max_attempts must be an integer >= 1, got {self.max_attempts!r}")
         for name in ("base_delay", "max_delay"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+                or value < 0
+            ):
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
     def delay(self, attempt: int, rng: Callable[[float, float], float] = random.uniform) -> float:
-        return rng(0.0, min(self.max_delay, self.base_delay * (2**attempt)))
+        # The exponent is capped: 2**1024 would overflow a float.
+        return rng(0.0, min(self.max_delay, self.base_delay * 2.0 ** min(attempt, 64)))
 
     def run(
         self,

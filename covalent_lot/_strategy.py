@@ -215,10 +215,12 @@ class LotStrategy(FileTransferStrategy):
     # --- direct use, outside a workflow -----------------------------------------------
     def put(self, local_path: str, uri: str) -> TransferStats:
         """Upload now, in this process."""
+        self.parse(uri)
         return self._call("upload", os.fspath(local_path), uri)()
 
     def get(self, uri: str, local_path: str) -> TransferStats:
         """Download now, in this process."""
+        self.parse(uri)
         return self._call("download", uri, os.fspath(local_path))()
 
     def copy(self, source_uri: str, destination_uri: str) -> TransferStats:
