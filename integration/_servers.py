@@ -17,6 +17,7 @@ Rules this module keeps:
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import random
 import shutil
@@ -24,7 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
-import json
+import threading
 import time
 import tomllib
 import urllib.error
@@ -38,6 +39,7 @@ __all__ = [
     "free_port",
     "dir_bytes",
     "covalent_client_env",
+    "is_covalent_core_var",
     "SeaweedS3",
     "CovalentServer",
 ]
@@ -196,6 +198,25 @@ def _bin(name: str) -> str:
     return found
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _convert_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt once a server has been started.
+
+    By default SIGTERM (e.g. from `timeout` or a CI runner) ends Python without
+    running atexit hooks or pytest's fixture teardown, leaving the servers
+    behind. KeyboardInterrupt unwinds instead: pytest then tears the session
+    fixtures down, and a plain script reaches the atexit hook. Only a default
+    handler in the main thread is replaced, so a caller's own handler wins.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
 @atexit.register
 def _stop_leftovers() -> None:
     for server in list(_LIVE):
@@ -272,7 +293,6 @@ class SeaweedS3:
                 self.start_seconds = time.monotonic() - t0
                 return self
             except _PortClash:
-                self._cleanup_after_exit()
                 if attempt == 2:
                     raise RuntimeError(
                         "weed could not bind its ports 3 times; log tail:\n" + _tail(self.log_path)
@@ -280,10 +300,13 @@ class SeaweedS3:
         return self  # not reached
 
     def stop(self) -> None:
-        proc, self._proc = self._proc, None
+        # Forget the process only once it is gone, so that the atexit hook can
+        # still try again if this is interrupted half-way.
+        proc = self._proc
         if proc is not None:
             _kill_group(proc.pid)
             _reap(proc)
+            self._proc = None
         self._cleanup_after_exit()
         _LIVE.discard(self)
 
@@ -351,13 +374,11 @@ class SeaweedS3:
             start_new_session=True,  # own group: stop() signals the group
         )
         _LIVE.add(self)
+        _convert_sigterm()
         try:
             self._wait_ready()
         except BaseException:
-            proc, self._proc = self._proc, None
-            _kill_group(proc.pid)
-            _reap(proc)
-            _LIVE.discard(self)
+            self.stop()
             raise
 
     def _wait_ready(self) -> None:
@@ -372,14 +393,16 @@ class SeaweedS3:
             rc = self._proc.poll()
             if rc is not None:
                 log = _tail(self.log_path)
-                if "address already in use" in log:
+                # weed checks its ports up front ("Port allocation failed"), a
+                # bind racing with another process says "address already in use".
+                if "Port allocation failed" in log or "address already in use" in log:
                     raise _PortClash()
                 raise RuntimeError(f"weed mini exited with {rc} while starting; log tail:\n{log}")
             if _http_status(self.endpoint + "/healthz") is not None and self._volume_joined(master):
                 return
             time.sleep(0.1)
         raise RuntimeError(
-            f"weed mini not ready after {self.start_timeout:.0f}s; log tail:\n{_tail(self.log_path)}"
+            f"weed mini not ready after {self.start_timeout:.1f}s; log tail:\n{_tail(self.log_path)}"
         )
 
     @staticmethod
@@ -414,8 +437,13 @@ class _PortClash(Exception):
 
 # ------------------------------------------------------------------------- Covalent
 
-# Inherited variables that would change where covalent keeps state or how it runs.
-_COVALENT_ENV_PREFIX = "COVALENT_"
+def is_covalent_core_var(name: str) -> bool:
+    """True for covalent's own COVALENT_* variables (paths, port, dask switches...).
+
+    Inherited ones would change where covalent keeps state or how it runs, so the
+    harness drops them; COVALENT_LOT_* are covalent-lot's options and are kept.
+    """
+    return name.startswith("COVALENT_") and not name.startswith("COVALENT_LOT_")
 
 
 def covalent_client_env(workdir: os.PathLike | str, port: int) -> dict:
@@ -529,7 +557,7 @@ class CovalentServer:
 
     @property
     def server_env(self) -> dict:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_COVALENT_ENV_PREFIX)}
+        env = {k: v for k, v in os.environ.items() if not is_covalent_core_var(k)}
         # A private HOME keeps dask, boto3 (~/.aws) and anything else an electron
         # imports away from the real home; XDG_* would otherwise win over HOME.
         for var in ("XDG_CONFIG_DIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME"):
@@ -569,6 +597,23 @@ class CovalentServer:
             d.mkdir(parents=True, exist_ok=True)
 
         t0 = time.monotonic()
+        for _attempt in range(3):
+            if not _can_bind(self.port):
+                self.port = free_port(avoid_offsets=())
+            requested = self.port
+            self._start_once()
+            if self.port == requested:
+                self.start_seconds = time.monotonic() - t0
+                return self
+            # `covalent start` silently moved to the next free port (ours was
+            # taken meanwhile) but the server builds its asset-upload URLs from
+            # the port it read at import, the one requested: dispatches would
+            # then upload to whoever holds that port and hang. Start afresh.
+            self.stop()
+            self.port = free_port(avoid_offsets=())
+        raise RuntimeError(f"covalent kept moving off its port 3 times\n{self._logs_tail()}")
+
+    def _start_once(self) -> None:
         cmd = [_bin("covalent"), "start", "-p", str(self.port), "-n", str(self.workers)]
         with open(self.start_log_path, "ab") as log:
             # `covalent start` polls the server forever and the server inherits the
@@ -585,26 +630,27 @@ class CovalentServer:
         self._pgid = proc.pid
         self._cli_proc = proc
         _LIVE.add(self)
+        _convert_sigterm()
         try:
             try:
                 rc = proc.wait(timeout=self.start_timeout)
             except subprocess.TimeoutExpired:
                 raise RuntimeError(
-                    f"`covalent start` did not return within {self.start_timeout:.0f}s"
+                    f"`covalent start` did not return within {self.start_timeout:.1f}s"
                 ) from None
             # The CLI exits 0 even when it printed a traceback, so judge by the
-            # server itself: the port it actually got (it silently moves to the
-            # next free port when ours was taken) and an HTTP answer there.
+            # server itself: the port it actually got and an HTTP answer there.
             self.port = self._port_from_config()
             if rc != 0 or _http_status(self.url + "/", timeout=5.0) is None:
                 raise RuntimeError(f"`covalent start` exited {rc} and {self.url} does not answer")
         except BaseException as exc:
             self._kill()
+            # A stale pid file would make the next `covalent start` believe a
+            # server is running should the pid be reused.
+            (self.workdir / "cache" / "ui.pid").unlink(missing_ok=True)
             if isinstance(exc, RuntimeError):
                 raise RuntimeError(f"{exc}\n{self._logs_tail()}") from None
             raise
-        self.start_seconds = time.monotonic() - t0
-        return self
 
     def stop(self) -> None:
         if self._pgid is None:
@@ -615,7 +661,7 @@ class CovalentServer:
             # own group so a hang can be killed without touching ours.
             proc = subprocess.Popen(
                 [_bin("covalent"), "stop"],
-                cwd=self.workdir,
+                cwd=self.workdir if self.workdir.is_dir() else None,
                 env=self.server_env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -640,11 +686,10 @@ class CovalentServer:
 
     def _kill(self) -> None:
         """Whatever `covalent stop` left of the server's group (dask workers...)."""
-        pgid, self._pgid = self._pgid, None
-        cli, self._cli_proc = self._cli_proc, None
-        if pgid is not None:
-            _kill_group(pgid)
-        _reap(cli)
+        if self._pgid is not None:
+            _kill_group(self._pgid)
+        _reap(self._cli_proc)
+        self._pgid = self._cli_proc = None
         _LIVE.discard(self)
 
     def _port_from_config(self) -> int:

@@ -19,6 +19,8 @@ import uuid
 import warnings
 from pathlib import Path
 
+import pytest  # does not import covalent
+
 
 def _load_harness():
     # Load _servers.py by path: works whether integration/ is a package or not and
@@ -41,18 +43,21 @@ SESSION_DIR = Path(tempfile.mkdtemp(prefix="lot-it-"))
 COVALENT_DIR = SESSION_DIR / "covalent"
 COVALENT_PORT = _servers.free_port(avoid_offsets=())
 
-_COVALENT_IMPORTED_EARLY = "covalent" in sys.modules
-for _var in [v for v in os.environ if v.startswith("COVALENT_")]:
+if "covalent" in sys.modules:
+    # Too late for this process: it keeps the config it loaded (likely in ~).
+    # covalent_server still redirects the dispatcher address in memory.
+    warnings.warn(
+        "covalent was imported before integration/conftest.py set its private config"
+    )
+for _var in [v for v in os.environ if _servers.is_covalent_core_var(v)]:
     # Stray settings from the outer shell (another port, dask disabled, ...) would
-    # make the client disagree with the private server.
+    # make the client disagree with the private server. COVALENT_LOT_* stay.
     del os.environ[_var]
 os.environ.update(_servers.covalent_client_env(COVALENT_DIR, COVALENT_PORT))
 
 S3_ACCESS_KEY = "lottestaccess"
 S3_SECRET_KEY = "lottestsecret0123456789"
 S3_REGION = "us-east-1"
-
-import pytest  # noqa: E402  (after the environment on purpose)
 
 
 def _s3_env(session_dir: Path) -> dict:
@@ -149,6 +154,8 @@ def covalent_server(s3_server, lot_session_dir):
     env_extra = {**_s3_env(lot_session_dir), **{key: None for key in _AWS_UNSET}}
     server = _servers.CovalentServer(COVALENT_DIR, env_extra=env_extra, port=COVALENT_PORT)
     server.start()
+    # The server may have ended up on another port than COVALENT_PORT.
+    os.environ.update(server.env)
     try:
         _sync_client_config(server)
         yield server
@@ -159,9 +166,9 @@ def covalent_server(s3_server, lot_session_dir):
 def _sync_client_config(server) -> None:
     """Make an already-imported covalent in this process talk to ``server``.
 
-    ``covalent start`` silently moves to the next free port when ours was taken and
-    records the real one in the shared config file; the client only reads that file
-    at import time, so reload it.
+    The server may have been started on another port than COVALENT_PORT (when that
+    one was taken) and records the real one, with its dask cluster's address, in
+    the shared config file; the client reads that file only at import, so reload.
     """
     if "covalent" not in sys.modules:
         return  # a later import reads the up-to-date file
@@ -182,17 +189,13 @@ def _sync_client_config(server) -> None:
     manager.set("dispatcher.port", server.port)
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
-    # The fixtures have stopped their servers by now; the temp dir is only kept
-    # when asked for, to look at logs after a failure.
+    # trylast: after an interrupt (Ctrl-C, or SIGTERM, which _servers turns into
+    # KeyboardInterrupt) pytest tears the session fixtures down in its own
+    # sessionfinish hook; the servers must be stopped before their dirs go.
+    # The temp dir is kept when asked for, to look at logs after a failure.
     if os.environ.get("LOT_IT_KEEP_TMP"):
         print(f"\nintegration temp dir kept: {SESSION_DIR}")
         return
     shutil.rmtree(SESSION_DIR, ignore_errors=True)
-
-
-if _COVALENT_IMPORTED_EARLY:
-    warnings.warn(
-        "covalent was imported before integration/conftest.py set its private config; "
-        "the client keeps the config it loaded then"
-    )
