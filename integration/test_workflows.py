@@ -194,3 +194,62 @@ def test_three_concurrent_dispatches_do_not_collide(lot_env, bucket, s3_client):
         head = s3_client.head_object(Bucket=bucket, Key=f"runs/{dispatch_id}/blob.bin")
         assert head["Metadata"]["lot-sha256"] == result.result["expected"]
     assert len({r.result["expected"] for r in results}) == 3
+
+
+def test_local_executor_resolves_dispatch_keys(lot_env, bucket, s3_client):
+    """Covalent's `local` executor sets the execution context too."""
+    h = covalent_lot.handoff(f"s3://{bucket}/runs/{{dispatch_id}}/{{node_id}}-out.bin")
+
+    @ct.electron(executor="local", files=[h.upload()])
+    def produce(files=[]):
+        with open(h.path, "wb") as f:
+            f.write(b"local executor")
+        return files[0][1]
+
+    @ct.lattice
+    def flow():
+        return produce()
+
+    dispatch_id, result = run(flow)
+    assert str(result.status) == "COMPLETED", node_stderr(result, 0)
+    assert result.result == f"s3://{bucket}/runs/{dispatch_id}/0-out.bin"
+    body = s3_client.get_object(Bucket=bucket, Key=f"runs/{dispatch_id}/0-out.bin")["Body"].read()
+    assert body == b"local executor"
+
+
+def test_registered_scheme_builds_strategy_from_covalent_conf(covalent_server, s3_server, bucket, s3_client, tmp_path):
+    """Covalent's own FileTransfer("s3://...") guesses our strategy and builds it
+    with no arguments, from covalent.conf alone."""
+    from covalent._file_transfer import file_transfer
+    from covalent._shared_files import config
+
+    from covalent_lot.strategies.s3 import S3Strategy
+
+    builtin = (file_transfer._uploaders["s3"], file_transfer._downloaders["s3"])
+    config.update_config({"lot": {"s3": {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"}}})
+    try:
+        covalent_lot.register("s3")
+        local = str(tmp_path / "registered" / "out.bin")
+        transfer = ct.fs.TransferToRemote(f"s3://{bucket}/registered/out.bin", local)
+        assert isinstance(transfer.strategy, S3Strategy)
+        assert transfer.strategy.settings.sources["endpoint_url"] == "covalent.conf [lot.s3]"
+
+        @ct.electron(files=[transfer])
+        def produce(files=[]):
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            with open(local, "wb") as f:
+                f.write(b"guessed strategy")
+            return True
+
+        @ct.lattice
+        def flow():
+            return produce()
+
+        _, result = run(flow)
+        assert str(result.status) == "COMPLETED", node_stderr(result, 0)
+        head = s3_client.head_object(Bucket=bucket, Key="registered/out.bin")
+        assert head["Metadata"]["lot-sha256"] == hashlib.sha256(b"guessed strategy").hexdigest()
+    finally:
+        file_transfer._uploaders["s3"], file_transfer._downloaders["s3"] = builtin
+        config.get_config("lot").pop("s3", None)
+        config._config_manager.write_config()
