@@ -8,10 +8,15 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
+AZURITE := .tools/node_modules/.bin/azurite-blob
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -e ".[dev]"
+	@# Azurite (Azure Blob emulator) for the integration tests; 3.35.0 is the
+	@# last release that runs on Node 20.
+	test -x $(AZURITE) || npm install --prefix .tools --no-audit --no-fund --loglevel=error azurite@3.35.0
 	touch $(STAMP)
 
 # The seed scenario on local servers: SeaweedFS (S3) + a private Covalent server.

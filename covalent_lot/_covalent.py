@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from covalent._file_transfer.enums import FtCallDepReturnValue, Order
-from covalent._file_transfer.file import File
+from covalent._file_transfer.file import File, register_remote_scheme
 from covalent._file_transfer.file_transfer import (
     FileTransfer,
     register_downloader,
@@ -81,6 +81,9 @@ def make_file(text: str, *, remote: bool, is_dir: bool) -> File:
     ``File`` runs paths through furl, which percent-encodes ``{`` and spaces
     and folds ``..``; the strategies read back the original.
     """
+    if remote:
+        # Covalent refuses File("az://...") for schemes it does not know.
+        register_remote_scheme(text.split("://", 1)[0].lower())
     file = File(text, is_remote=remote, is_dir=is_dir)
     setattr(file, _ORIGINAL, text)
     return file

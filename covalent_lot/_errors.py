@@ -21,7 +21,14 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ErrorKind", "ChecksumMismatchError", "Classified", "translate", "TRANSIENT"]
+__all__ = [
+    "ErrorKind",
+    "ChecksumMismatchError",
+    "Classified",
+    "translate",
+    "TRANSIENT",
+    "exception_chain",
+]
 
 
 class ChecksumMismatchError(OSError):
@@ -90,3 +97,12 @@ def translate(verdict: Classified, *, action: str, target: str, endpoint: str) -
     if hint:
         message += f"; {hint}"
     return EXCEPTION_FOR[verdict.kind](message)
+
+
+def exception_chain(exc: BaseException | None):
+    """``exc`` and its causes, outermost first: SDKs wrap the error that matters."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__

@@ -1,4 +1,7 @@
-"""Fixtures for the integration tests: a real SeaweedFS S3 and a private Covalent server.
+"""Fixtures for the integration tests: real storage servers and a private Covalent server.
+
+Each backend has a kit (``_kits.py``, ``_kit_<name>.py``) that starts its server
+as a process on 127.0.0.1; the ``kit`` fixture runs a test once per backend.
 
 Importing covalent writes (or reads) its config file at import time, and paths in
 that file are taken from COVALENT_* variables only when it is first written. So
@@ -15,27 +18,28 @@ import os
 import shutil
 import sys
 import tempfile
-import uuid
 import warnings
 from pathlib import Path
 
 import pytest  # does not import covalent
 
 
-def _load_harness():
-    # Load _servers.py by path: works whether integration/ is a package or not and
-    # under any pytest import mode, without touching sys.path.
-    name = f"{__package__}._servers" if __package__ else "_servers"
+def _load_kits():
+    # Load _kits.py by path: works whether integration/ is a package or not and
+    # under any pytest import mode, without touching sys.path. Every helper module
+    # is then loaded through _kits.load_sibling, so there is one copy of each.
+    name = "lot_it__kits"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_servers.py"))
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_kits.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-_servers = _load_harness()
+_kits = _load_kits()
+_servers = _kits.load_sibling("_servers")
 
 # ---- process-wide environment, set before covalent can be imported ------------
 
@@ -55,30 +59,38 @@ for _var in [v for v in os.environ if _servers.is_covalent_core_var(v)]:
     del os.environ[_var]
 os.environ.update(_servers.covalent_client_env(COVALENT_DIR, COVALENT_PORT))
 
-S3_ACCESS_KEY = "lottestaccess"
-S3_SECRET_KEY = "lottestsecret0123456789"
-S3_REGION = "us-east-1"
+# name -> (module file, kit class). A backend joins the contract suite when its
+# kit module is there; LOT_BACKENDS=s3,gcs narrows the run.
+KIT_CLASSES = {
+    "s3": ("_kits", "S3Kit"),
+    "gcs": ("_kit_gcs", "GCSKit"),
+    "azure": ("_kit_azure", "AzureKit"),
+}
 
 
-def _s3_env(session_dir: Path) -> dict:
-    """AWS variables for the test process and the covalent executors.
-
-    Credentials come only from here: the shared config/credentials files point to
-    paths that do not exist, and the EC2 metadata lookup (a non-loopback address)
-    is switched off.
-    """
-    return {
-        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-        "AWS_DEFAULT_REGION": S3_REGION,
-        "AWS_CONFIG_FILE": str(session_dir / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(session_dir / "no-aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
+def _selected_backends() -> list[str]:
+    wanted = [b for b in os.environ.get("LOT_BACKENDS", "").split(",") if b]
+    names = []
+    for name, (module, _) in KIT_CLASSES.items():
+        if wanted and name not in wanted:
+            continue
+        if Path(__file__).with_name(f"{module}.py").exists():
+            names.append(name)
+    return names
 
 
-# Variables that would override the ones above or redirect boto3 elsewhere.
-_AWS_UNSET = ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+BACKENDS = _selected_backends()
+
+
+def _apply_env(env: dict) -> dict:
+    """Set/unset variables in os.environ; return what to restore."""
+    saved = {key: os.environ.get(key) for key in env}
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    return saved
 
 
 @pytest.fixture(scope="session")
@@ -88,74 +100,55 @@ def lot_session_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def s3_server(lot_session_dir):
-    """A started SeaweedFS S3 on loopback that enforces S3_ACCESS_KEY/S3_SECRET_KEY."""
-    server = _servers.SeaweedS3(lot_session_dir / "seaweed", S3_ACCESS_KEY, S3_SECRET_KEY)
-    server.start()
-    saved = {k: os.environ.get(k) for k in (*_s3_env(lot_session_dir), *_AWS_UNSET)}
-    for key in _AWS_UNSET:
-        os.environ.pop(key, None)
-    os.environ.update(_s3_env(lot_session_dir))
+def kits(lot_session_dir):
+    """Every selected backend's server, started once; their env set in this process."""
+    started = {}
+    saved = {}
     try:
-        yield server
+        for name in BACKENDS:
+            module_name, class_name = KIT_CLASSES[name]
+            module = _kits.load_sibling(module_name)
+            kit = getattr(module, class_name)()
+            kit.start(lot_session_dir / name)
+            started[name] = kit
+            for key, value in _apply_env(kit.env).items():
+                saved.setdefault(key, value)
+        yield started
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
+        _apply_env(saved)
+        for kit in started.values():
+            kit.stop()
 
 
-@pytest.fixture(scope="session")
-def s3_client(s3_server):
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint,
-        aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key,
-        region_name=S3_REGION,
-    )
+@pytest.fixture(scope="session", params=BACKENDS)
+def kit(request, kits):
+    """One backend's kit; tests using it run once per backend."""
+    return kits[request.param]
 
 
 @pytest.fixture
-def bucket(s3_client):
-    """A fresh, empty bucket; removed with its contents afterwards (best effort)."""
-    # Lowercase letters, digits and '-' only, 3-63 chars: valid for AWS and SeaweedFS.
-    name = f"lot-it-{uuid.uuid4().hex[:16]}"
-    s3_client.create_bucket(Bucket=name)
+def bucket(kit):
+    """A fresh, empty bucket/container; removed with its contents afterwards."""
+    name = kit.new_bucket()
     yield name
-    _empty_and_delete_bucket(s3_client, name)
-
-
-def _empty_and_delete_bucket(client, name: str) -> None:
     try:
-        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=name):
-            for up in page.get("Uploads", []):
-                client.abort_multipart_upload(Bucket=name, Key=up["Key"], UploadId=up["UploadId"])
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
-            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
-            if keys:
-                client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
-        client.delete_bucket(Bucket=name)
+        kit.delete_bucket(name)
     except Exception as exc:  # cleanup must not turn a passing test into an error
-        warnings.warn(f"could not delete bucket {name}: {exc!r}")
+        warnings.warn(f"could not delete {kit.scheme}://{name}: {exc!r}")
 
 
 @pytest.fixture(scope="session")
-def covalent_server(s3_server, lot_session_dir):
+def covalent_server(kits, lot_session_dir):
     """A started private Covalent server (2 dask workers) sharing this process's config.
 
-    Its environment carries the AWS variables, so electrons running on its dask
-    workers can reach ``s3_server``.
+    Its environment carries every backend's credentials (by reference) and
+    endpoint, so electrons running on its workers reach the local servers.
     """
-    env_extra = {**_s3_env(lot_session_dir), **{key: None for key in _AWS_UNSET}}
+    env_extra = {}
+    for kit in kits.values():
+        env_extra.update(kit.env)
     server = _servers.CovalentServer(COVALENT_DIR, env_extra=env_extra, port=COVALENT_PORT)
     server.start()
-    # The server may have ended up on another port than COVALENT_PORT.
-    os.environ.update(server.env)
     try:
         _sync_client_config(server)
         yield server

@@ -29,10 +29,9 @@ def file_sha256(path: str) -> str:
 
 
 @pytest.fixture
-def lot_env(covalent_server, s3_server, monkeypatch):
-    # The client resolves options (covalent.conf/env) when it builds transfers.
-    monkeypatch.setenv("COVALENT_LOT_S3_ENDPOINT_URL", s3_server.endpoint)
-    monkeypatch.setenv("COVALENT_LOT_S3_REGION_NAME", "us-east-1")
+def lot_env(covalent_server, kit):
+    # The client resolves options when it builds transfers: the kit's
+    # COVALENT_LOT_* variables are already in this process's environment.
     return covalent_server
 
 
@@ -49,10 +48,10 @@ def node_stderr(result, node_id: int) -> str:
         return f"<no stderr: {exc}>"
 
 
-def test_seed_scenario_256_mib(lot_env, bucket, s3_client):
+def test_seed_scenario_256_mib(lot_env, kit, bucket):
     import numpy as np
 
-    h = covalent_lot.handoff(f"s3://{bucket}/runs/{{dispatch_id}}/features.npy")
+    h = covalent_lot.handoff(kit.uri(bucket, "runs/{dispatch_id}/features.npy"))
 
     @ct.electron(files=[h.upload()])
     def produce(n: int, files=[]):
@@ -75,15 +74,13 @@ def test_seed_scenario_256_mib(lot_env, bucket, s3_client):
     assert out["consumed"]["sha256"] == out["produced"]["sha256"]
     assert out["consumed"]["sum"] == out["produced"]["sum"]
     key = f"runs/{dispatch_id}/features.npy"
-    head = s3_client.head_object(Bucket=bucket, Key=key)
-    assert head["Metadata"]["lot-sha256"] == out["produced"]["sha256"]
-    assert head["ContentLength"] > 256 * MiB
+    assert kit.get_metadata(bucket, key)["lot-sha256"] == out["produced"]["sha256"]
     ((remote, local),) = out["consumed"]["files"]
-    assert remote == f"s3://{bucket}/{key}" and dispatch_id in local
+    assert remote == kit.uri(bucket, key) and dispatch_id in local
 
 
-def test_folder_handoff(lot_env, bucket):
-    h = covalent_lot.handoff(f"s3://{bucket}/runs/{{dispatch_id}}/shards/")
+def test_folder_handoff(lot_env, kit, bucket):
+    h = covalent_lot.handoff(kit.uri(bucket, "runs/{dispatch_id}/shards/"))
 
     @ct.electron(files=[h.upload()])
     def produce(files=[]):
@@ -113,8 +110,8 @@ def test_folder_handoff(lot_env, bucket):
     assert result.result is True
 
 
-def test_producer_that_raises_uploads_nothing(lot_env, bucket, s3_client):
-    h = covalent_lot.handoff(f"s3://{bucket}/runs/{{dispatch_id}}/never.npy")
+def test_producer_that_raises_uploads_nothing(lot_env, kit, bucket):
+    h = covalent_lot.handoff(kit.uri(bucket, "runs/{dispatch_id}/never.npy"))
 
     @ct.electron(files=[h.upload()])
     def produce(files=[]):
@@ -128,14 +125,14 @@ def test_producer_that_raises_uploads_nothing(lot_env, bucket, s3_client):
 
     dispatch_id, result = run(flow)
     assert str(result.status) == "FAILED"
-    assert s3_client.list_objects_v2(Bucket=bucket, Prefix=f"runs/{dispatch_id}/").get("KeyCount", 0) == 0
+    assert kit.list_keys(bucket, f"runs/{dispatch_id}/") == []
 
 
-def test_tampered_object_fails_consumer_and_leaves_no_file(lot_env, bucket, s3_client, tmp_path):
+def test_tampered_object_fails_consumer_and_leaves_no_file(lot_env, kit, bucket, tmp_path):
     key = f"tamper/{uuid.uuid4().hex}.bin"
-    h = covalent_lot.handoff(f"s3://{bucket}/{key}", local_path=str(tmp_path / "prod" / "x.bin"))
+    h = covalent_lot.handoff(kit.uri(bucket, key), local_path=str(tmp_path / "prod" / "x.bin"))
     consumer_path = tmp_path / "cons" / "x.bin"
-    d = covalent_lot.download(f"s3://{bucket}/{key}", str(consumer_path))
+    d = covalent_lot.download(kit.uri(bucket, key), str(consumer_path))
 
     @ct.electron(files=[h.upload()])
     def produce(files=[]):
@@ -157,8 +154,7 @@ def test_tampered_object_fails_consumer_and_leaves_no_file(lot_env, bucket, s3_c
 
     _, result = run(producer_only)
     assert str(result.status) == "COMPLETED", node_stderr(result, 0)
-    head = s3_client.head_object(Bucket=bucket, Key=key)
-    s3_client.put_object(Bucket=bucket, Key=key, Body=os.urandom(2 * MiB), Metadata=head["Metadata"])
+    kit.put_bytes(bucket, key, os.urandom(2 * MiB), kit.get_metadata(bucket, key))
 
     _, result = run(consumer_only)
     assert str(result.status) == "FAILED"
@@ -167,8 +163,8 @@ def test_tampered_object_fails_consumer_and_leaves_no_file(lot_env, bucket, s3_c
     assert not consumer_path.parent.exists() or os.listdir(consumer_path.parent) == []
 
 
-def test_three_concurrent_dispatches_do_not_collide(lot_env, bucket, s3_client):
-    h = covalent_lot.handoff(f"s3://{bucket}/runs/{{dispatch_id}}/blob.bin")
+def test_three_concurrent_dispatches_do_not_collide(lot_env, kit, bucket):
+    h = covalent_lot.handoff(kit.uri(bucket, "runs/{dispatch_id}/blob.bin"))
 
     @ct.electron(files=[h.upload()])
     def produce(files=[]):
@@ -191,14 +187,14 @@ def test_three_concurrent_dispatches_do_not_collide(lot_env, bucket, s3_client):
         assert str(result.status) == "COMPLETED", node_stderr(result, 1)
         assert result.result["got"] == result.result["expected"]
         assert dispatch_id in result.result["local"]
-        head = s3_client.head_object(Bucket=bucket, Key=f"runs/{dispatch_id}/blob.bin")
-        assert head["Metadata"]["lot-sha256"] == result.result["expected"]
+        metadata = kit.get_metadata(bucket, f"runs/{dispatch_id}/blob.bin")
+        assert metadata["lot-sha256"] == result.result["expected"]
     assert len({r.result["expected"] for r in results}) == 3
 
 
-def test_local_executor_resolves_dispatch_keys(lot_env, bucket, s3_client):
+def test_local_executor_resolves_dispatch_keys(lot_env, kit, bucket):
     """Covalent's `local` executor sets the execution context too."""
-    h = covalent_lot.handoff(f"s3://{bucket}/runs/{{dispatch_id}}/{{node_id}}-out.bin")
+    h = covalent_lot.handoff(kit.uri(bucket, "runs/{dispatch_id}/{node_id}-out.bin"))
 
     @ct.electron(executor="local", files=[h.upload()])
     def produce(files=[]):
@@ -212,27 +208,31 @@ def test_local_executor_resolves_dispatch_keys(lot_env, bucket, s3_client):
 
     dispatch_id, result = run(flow)
     assert str(result.status) == "COMPLETED", node_stderr(result, 0)
-    assert result.result == f"s3://{bucket}/runs/{dispatch_id}/0-out.bin"
-    body = s3_client.get_object(Bucket=bucket, Key=f"runs/{dispatch_id}/0-out.bin")["Body"].read()
-    assert body == b"local executor"
+    assert result.result == kit.uri(bucket, f"runs/{dispatch_id}/0-out.bin")
+    assert kit.get_bytes(bucket, f"runs/{dispatch_id}/0-out.bin") == b"local executor"
 
 
-def test_registered_scheme_builds_strategy_from_covalent_conf(covalent_server, s3_server, bucket, s3_client, tmp_path):
-    """Covalent's own FileTransfer("s3://...") guesses our strategy and builds it
-    with no arguments, from covalent.conf alone."""
+def test_registered_scheme_builds_strategy_from_covalent_conf(covalent_server, kit, bucket, tmp_path, monkeypatch):
+    """Covalent's own FileTransfer("<scheme>://...") guesses our strategy and
+    builds it with no arguments, from covalent.conf alone."""
     from covalent._file_transfer import file_transfer
     from covalent._shared_files import config
 
-    from covalent_lot.strategies.s3 import S3Strategy
-
-    builtin = (file_transfer._uploaders["s3"], file_transfer._downloaders["s3"])
-    config.update_config({"lot": {"s3": {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"}}})
+    scheme = kit.scheme
+    builtin = (file_transfer._uploaders.get(scheme), file_transfer._downloaders.get(scheme))
+    # Move the kit's COVALENT_LOT_<NAME>_* options from the environment into covalent.conf.
+    prefix = f"COVALENT_LOT_{kit.name.upper()}_"
+    conf = {k[len(prefix):].lower(): v for k, v in kit.env.items() if k.startswith(prefix) and v is not None}
+    for key in conf:
+        monkeypatch.delenv(prefix + key.upper(), raising=False)
+    config.update_config({"lot": {kit.name: conf}})
     try:
-        covalent_lot.register("s3")
+        covalent_lot.register(scheme)
         local = str(tmp_path / "registered" / "out.bin")
-        transfer = ct.fs.TransferToRemote(f"s3://{bucket}/registered/out.bin", local)
-        assert isinstance(transfer.strategy, S3Strategy)
-        assert transfer.strategy.settings.sources["endpoint_url"] == "covalent.conf [lot.s3]"
+        transfer = ct.fs.TransferToRemote(kit.uri(bucket, "registered/out.bin"), local)
+        assert type(transfer.strategy) is type(kit.strategy())
+        for key in conf:
+            assert transfer.strategy.settings.sources[key] == f"covalent.conf [lot.{kit.name}]"
 
         @ct.electron(files=[transfer])
         def produce(files=[]):
@@ -247,9 +247,13 @@ def test_registered_scheme_builds_strategy_from_covalent_conf(covalent_server, s
 
         _, result = run(flow)
         assert str(result.status) == "COMPLETED", node_stderr(result, 0)
-        head = s3_client.head_object(Bucket=bucket, Key="registered/out.bin")
-        assert head["Metadata"]["lot-sha256"] == hashlib.sha256(b"guessed strategy").hexdigest()
+        metadata = kit.get_metadata(bucket, "registered/out.bin")
+        assert metadata["lot-sha256"] == hashlib.sha256(b"guessed strategy").hexdigest()
     finally:
-        file_transfer._uploaders["s3"], file_transfer._downloaders["s3"] = builtin
-        config.get_config("lot").pop("s3", None)
+        for table, original in zip((file_transfer._uploaders, file_transfer._downloaders), builtin):
+            if original is None:
+                table.pop(scheme, None)
+            else:
+                table[scheme] = original
+        config.get_config("lot").pop(kit.name, None)
         config._config_manager.write_config()

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 
 from covalent_lot._config import Option
 from covalent_lot._engine import Backend, RemoteObject
-from covalent_lot._errors import Classified, ErrorKind
+from covalent_lot._errors import Classified, ErrorKind, exception_chain
 from covalent_lot._stream import CHECKSUM_KEY, CHUNK, VerifyingSink
 from covalent_lot._strategy import LotStrategy
 from covalent_lot._uri import StoreURI
@@ -198,7 +198,7 @@ class S3Backend(Backend):
     def classify(self, exc: BaseException) -> Classified | None:
         from botocore import exceptions as bx
 
-        for err in _chain(exc):
+        for err in exception_chain(exc):
             if isinstance(err, _MissingBucket):
                 return Classified(ErrorKind.NOT_FOUND, f"bucket {err.bucket!r} does not exist",
                                   "create the bucket or fix its name")
@@ -246,15 +246,6 @@ class _MissingBucket(Exception):
     def __init__(self, bucket: str):
         super().__init__(f"bucket {bucket!r} does not exist")
         self.bucket = bucket
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and its causes: boto3 wraps ClientErrors in S3UploadFailedError etc."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
 
 
 class S3Strategy(LotStrategy):
