@@ -80,6 +80,15 @@ def _selected_backends() -> list[str]:
 
 
 BACKENDS = _selected_backends()
+_NEEDED: set[str] = set()  # backends the selected tests use (after -k/-m deselection)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "kit" in callspec.params:
+            _NEEDED.add(callspec.params["kit"])
 
 
 def _apply_env(env: dict) -> dict:
@@ -101,11 +110,12 @@ def lot_session_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def kits(lot_session_dir):
-    """Every selected backend's server, started once; their env set in this process."""
+    """The servers of the backends the selected tests use, started once; their
+    env set in this process (so `pytest -k gcs` starts only fake-gcs-server)."""
     started = {}
     saved = {}
     try:
-        for name in BACKENDS:
+        for name in [b for b in BACKENDS if b in _NEEDED]:
             module_name, class_name = KIT_CLASSES[name]
             module = _kits.load_sibling(module_name)
             kit = getattr(module, class_name)()
