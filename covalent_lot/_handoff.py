@@ -21,7 +21,19 @@ def _strategy(uri: str, strategy: LotStrategy | None, options: dict[str, Any]) -
     return strategy if strategy is not None else strategy_for(uri, **options)
 
 
+def _check_local(local_path: str) -> None:
+    if not isinstance(local_path, str):
+        raise TypeError(f"local path must be a str, not {type(local_path).__name__}: {local_path!r}")
+    check_template(local_path, "local path")
+    if not os.path.isabs(local_path):
+        raise ValueError(
+            f"local path {local_path!r} must be absolute: electrons run in another "
+            "working directory"
+        )
+
+
 def _transfer(strategy: LotStrategy, uri: str, local_path: str, order: Order) -> FileTransfer:
+    _check_local(local_path)
     location = strategy.parse(uri)
     folder = location.is_folder
     if folder and not local_path.endswith("/"):
@@ -65,12 +77,7 @@ class Handoff:
             local_path = os.path.join(staging, "{dispatch_id}", "{node_id}", name)
             if location.is_folder:
                 local_path += "/"
-        check_template(local_path, "local path")
-        if not os.path.isabs(local_path):
-            raise ValueError(
-                f"local path {local_path!r} must be absolute: electrons run in another "
-                "working directory"
-            )
+        _check_local(local_path)
         self.local_path = local_path
 
     @property
