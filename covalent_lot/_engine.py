@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -73,6 +74,29 @@ class Backend(ABC):
 
     def __init__(self, settings: Mapping[str, Any]):
         self.settings = settings
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    def connect(self) -> Any:
+        """Make the SDK client: resolve credentials, open sessions. Override."""
+        raise NotImplementedError
+
+    @property
+    def client(self) -> Any:
+        """The SDK client, made on first use.
+
+        First use is inside a guarded call, so errors while resolving
+        credentials or profiles are classified and translated like any other.
+        """
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = self.connect()
+        return self._client
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
 
     @property
     @abstractmethod
@@ -151,6 +175,8 @@ class Engine:
         """Run ``fn`` with retries on transient errors; translate service errors."""
 
         def transient(exc: BaseException) -> bool:
+            if isinstance(exc, ChecksumMismatchError):
+                return False
             verdict = self.backend.classify(exc)
             return verdict is not None and verdict.transient
 
@@ -161,6 +187,8 @@ class Engine:
 
         try:
             return self.policy.run(fn, transient, on_retry)
+        except ChecksumMismatchError:
+            raise
         except Exception as exc:
             verdict = self.backend.classify(exc)
             if verdict is None:

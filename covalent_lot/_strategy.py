@@ -28,6 +28,7 @@ __all__ = ["LotStrategy", "strategy_for", "STRATEGIES", "require_sdk", "build_en
 # scheme -> "module:Class"; modules are imported only when a scheme is used.
 STRATEGIES: dict[str, str] = {
     "s3": "covalent_lot.strategies.s3:S3Strategy",
+    "gs": "covalent_lot.strategies.gcs:GCSStrategy",
 }
 
 
@@ -53,7 +54,7 @@ def require_sdk(module: str, extra: str) -> None:
         importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(
-            f"the {extra} backend of covalent-lot needs {module.split('.')[0]}: "
+            f"the {extra} backend of covalent-lot needs the {module} module: "
             f"pip install covalent-lot[{extra}]"
         ) from exc
 

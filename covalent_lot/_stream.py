@@ -69,6 +69,7 @@ class VerifyingSink:
         self._hashed = 0  # every byte below this offset is hashed
         self._early: dict[int, int] = {}  # start -> end of ranges written past _hashed
         self._rehash = False  # writes overlapped: hash the finished file instead
+        self._file_pos = fileobj.tell()
         self._lock = threading.Lock()
         self.bytes_written = 0
 
@@ -107,8 +108,10 @@ class VerifyingSink:
         view = memoryview(data)
         n = len(view)
         with self._lock:
-            self._f.seek(offset)
+            if offset != self._file_pos:
+                self._f.seek(offset)  # a seek flushes the write buffer: only when needed
             self._f.write(view)
+            self._file_pos = offset + n
             self.bytes_written += n
             if self._hash is None or self._rehash or n == 0:
                 return n
@@ -190,7 +193,7 @@ def atomic_download(final_path: str) -> Iterator[tuple[BinaryIO, str]]:
     temp_path = os.path.join(
         parent, f".{os.path.basename(final_path)}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
     )
-    f = open(temp_path, "xb+")
+    f = open(temp_path, "xb+", buffering=1024 * 1024)
     try:
         yield f, temp_path
         f.flush()

@@ -72,23 +72,8 @@ class S3Backend(Backend):
 
     def __init__(self, settings: Mapping[str, Any]):
         super().__init__(settings)
-        import boto3
         from boto3.s3.transfer import TransferConfig
-        from botocore.config import Config
 
-        session = boto3.session.Session(profile_name=settings["profile"])
-        self._client = session.client(
-            "s3",
-            endpoint_url=settings["endpoint_url"],
-            region_name=settings["region_name"],
-            config=Config(
-                s3={"addressing_style": settings["addressing_style"]},
-                retries={"mode": "standard", "total_max_attempts": settings["max_attempts"]},
-                connect_timeout=settings["connect_timeout"],
-                read_timeout=settings["read_timeout"],
-                max_pool_connections=max(10, settings["max_concurrency"] + 2),
-            ),
-        )
         self._transfer = TransferConfig(
             multipart_threshold=settings["multipart_threshold"],
             multipart_chunksize=settings["multipart_chunksize"],
@@ -101,13 +86,35 @@ class S3Backend(Backend):
         if settings["sse_kms_key_id"] is not None:
             self._extra["SSEKMSKeyId"] = settings["sse_kms_key_id"]
 
+    def connect(self):
+        import boto3
+        from botocore.config import Config
+
+        settings = self.settings
+        # The profile and the credential chain are resolved here, on the executor.
+        session = boto3.session.Session(profile_name=settings["profile"])
+        return session.client(
+            "s3",
+            endpoint_url=settings["endpoint_url"],
+            region_name=settings["region_name"],
+            config=Config(
+                s3={"addressing_style": settings["addressing_style"]},
+                retries={"mode": "standard", "total_max_attempts": settings["max_attempts"]},
+                connect_timeout=settings["connect_timeout"],
+                read_timeout=settings["read_timeout"],
+                max_pool_connections=max(10, settings["max_concurrency"] + 2),
+            ),
+        )
+
     @property
     def endpoint(self) -> str:
-        return self._client.meta.endpoint_url
+        if self.connected:
+            return self.client.meta.endpoint_url
+        return self.settings["endpoint_url"] or "AWS S3"
 
     def stat(self, location: StoreURI) -> RemoteObject:
         try:
-            head = self._client.head_object(Bucket=location.bucket, Key=location.key)
+            head = self.client.head_object(Bucket=location.bucket, Key=location.key)
         except Exception as exc:
             if self._code(exc) in ("404", "NotFound", "NoSuchKey"):
                 self._raise_if_bucket_missing(location.bucket, exc)
@@ -117,7 +124,7 @@ class S3Backend(Backend):
     def _raise_if_bucket_missing(self, bucket: str, cause: BaseException) -> None:
         """HEAD answers 404 for a missing key and a missing bucket alike: tell them apart."""
         try:
-            self._client.head_bucket(Bucket=bucket)
+            self.client.head_bucket(Bucket=bucket)
         except Exception as exc:
             if self._code(exc) in ("404", "NoSuchBucket", "NotFound"):
                 raise _MissingBucket(bucket) from cause
@@ -133,7 +140,7 @@ class S3Backend(Backend):
         )
 
     def iter_objects(self, prefix: StoreURI) -> Iterator[RemoteObject]:
-        pages = self._client.get_paginator("list_objects_v2").paginate(
+        pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=prefix.bucket, Prefix=prefix.key
         )
         for page in pages:
@@ -148,7 +155,7 @@ class S3Backend(Backend):
             extra["Metadata"] = {CHECKSUM_KEY: sha256}
         # Single PUTs and multipart uploads both become visible only when
         # complete; a failed multipart upload is aborted by boto3.
-        self._client.upload_file(local_path, location.bucket, location.key,
+        self.client.upload_file(local_path, location.bucket, location.key,
                                  ExtraArgs=extra, Config=self._transfer)
 
     def get_into(self, obj: RemoteObject, sink: VerifyingSink) -> RemoteObject:
@@ -158,7 +165,7 @@ class S3Backend(Backend):
             args = {"Bucket": location.bucket, "Key": location.key}
             if obj.version:
                 args["IfMatch"] = obj.version
-            response = self._client.get_object(**args)
+            response = self.client.get_object(**args)
             body = response["Body"]
             try:
                 for chunk in body.iter_chunks(CHUNK):
@@ -170,7 +177,7 @@ class S3Backend(Backend):
             obj = self.stat(location)  # a listing has no metadata; the checksum is in HEAD
         # boto3 writes ranges in parallel (seek + write); the sink hashes them.
         # It pins the ranged GETs to the ETag it sees (IfMatch) by itself.
-        self._client.download_fileobj(location.bucket, location.key, sink, Config=self._transfer)
+        self.client.download_fileobj(location.bucket, location.key, sink, Config=self._transfer)
         return obj
 
     def copy(self, source: RemoteObject, destination: StoreURI) -> None:
@@ -178,14 +185,15 @@ class S3Backend(Backend):
         if source.version:
             extra["CopySourceIfMatch"] = source.version
         # boto3's managed copy keeps metadata (incl. lot-sha256) for single and multipart copies.
-        self._client.copy({"Bucket": source.location.bucket, "Key": source.location.key},
+        self.client.copy({"Bucket": source.location.bucket, "Key": source.location.key},
                           destination.bucket, destination.key, ExtraArgs=extra, Config=self._transfer)
 
     def delete(self, location: StoreURI) -> None:
-        self._client.delete_object(Bucket=location.bucket, Key=location.key)
+        self.client.delete_object(Bucket=location.bucket, Key=location.key)
 
     def close(self) -> None:
-        self._client.close()
+        if self.connected:
+            self.client.close()
 
     # --- the error table ----------------------------------------------------------------
     @staticmethod
