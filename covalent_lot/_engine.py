@@ -182,8 +182,9 @@ class Engine:
 
         def on_retry(attempt: int, exc: BaseException, wait: float) -> None:
             stats.retries += 1
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             log.warning("%s %s: attempt %d failed (%s); retrying in %.1f s",
-                        action, target, attempt, exc, wait)
+                        action, target, attempt, first_line, wait)
 
         try:
             return self.policy.run(fn, transient, on_retry)

@@ -29,6 +29,7 @@ __all__ = ["LotStrategy", "strategy_for", "STRATEGIES", "require_sdk", "build_en
 STRATEGIES: dict[str, str] = {
     "s3": "covalent_lot.strategies.s3:S3Strategy",
     "gs": "covalent_lot.strategies.gcs:GCSStrategy",
+    "az": "covalent_lot.strategies.azure:AzureStrategy",
 }
 
 
