@@ -287,10 +287,13 @@ class Engine:
             # never mixes bytes of two attempts.
             with atomic_download(local_path) as (f, _temp):
                 sink = VerifyingSink(f, hashing=self.verify)
-                seen = self.backend.get_into(obj, sink)
-                expected = seen.sha256 if seen.sha256 is not None else obj.sha256
-                if self.verify and expected is not None:
-                    actual = sink.hexdigest()
+                try:
+                    seen = self.backend.get_into(obj, sink)
+                    expected = seen.sha256 if seen.sha256 is not None else obj.sha256
+                    actual = sink.hexdigest() if self.verify and expected is not None else None
+                finally:
+                    sink.close()
+                if actual is not None:
                     if actual != expected:
                         raise ChecksumMismatchError(
                             f"checksum mismatch for {obj.location}: stored sha256 {expected}, "

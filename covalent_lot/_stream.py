@@ -7,10 +7,10 @@ can be verified end to end wherever it travels, and anyone can check it with
 ``sha256sum``. It is stored with the object as metadata ``lot-sha256``.
 
 Downloads are verified while they stream, also when the SDK writes ranges in
-parallel and out of order: :class:`VerifyingSink` hashes bytes that arrive at
-the current hash position straight away and reads back (from the page cache)
-the ranges that arrived early once the gap before them is filled. Memory stays
-bounded by one read-back chunk.
+parallel and out of order: :class:`VerifyingSink` tracks which part of the file
+is written from its start, and a background thread hashes that prefix as it
+grows, reading it back from the page cache. Writers never wait for the hash;
+memory stays bounded by one read-back chunk.
 """
 
 from __future__ import annotations
@@ -55,22 +55,29 @@ def sha256_file(path: str) -> tuple[str, int]:
 
 
 class VerifyingSink:
-    """A writable, seekable file that hashes what is written, in order.
+    """A writable, seekable file that hashes what is written, in file order.
 
     Accepts writes at any offset (``seek`` + ``write``, or ``write_at``), as
-    parallel ranged downloads produce them. ``hexdigest()`` completes the hash
-    over the whole file.
+    parallel ranged downloads produce them. A background thread hashes the
+    written prefix of the file as it grows (reading it back from the page
+    cache), so writers never wait for the hash, and SDKs that write under
+    their own lock are not slowed to hashing speed. ``hexdigest()`` finishes
+    the hash over the whole file; ``close()`` stops the thread early.
     """
 
     def __init__(self, fileobj: BinaryIO, hashing: bool = True):
         self._f = fileobj
         self._hash = hashlib.sha256() if hashing else None
         self._pos = 0  # file position for seek/write callers
-        self._hashed = 0  # every byte below this offset is hashed
-        self._early: dict[int, int] = {}  # start -> end of ranges written past _hashed
+        self._file_pos = fileobj.tell()  # where the underlying file object stands
+        self._ready = 0  # [0, _ready) is written and flushed: the hasher may read it
+        self._covered: dict[int, int] = {}  # start -> end of ranges written past _ready
+        self._hashed = 0  # [0, _hashed) is hashed (advanced by the hasher thread)
         self._rehash = False  # writes overlapped: hash the finished file instead
-        self._file_pos = fileobj.tell()
-        self._lock = threading.Lock()
+        self._closing = False
+        self._failure: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._cond = threading.Condition(threading.Lock())
         self.bytes_written = 0
 
     # --- file-like surface used by SDKs -------------------------------------------------
@@ -101,13 +108,14 @@ class VerifyingSink:
         return n
 
     def flush(self) -> None:
-        self._f.flush()
+        with self._cond:
+            self._f.flush()
 
     # --- ranged writes --------------------------------------------------------------------
     def write_at(self, offset: int, data) -> int:
         view = memoryview(data)
         n = len(view)
-        with self._lock:
+        with self._cond:
             if offset != self._file_pos:
                 self._f.seek(offset)  # a seek flushes the write buffer: only when needed
             self._f.write(view)
@@ -115,65 +123,109 @@ class VerifyingSink:
             self.bytes_written += n
             if self._hash is None or self._rehash or n == 0:
                 return n
-            if offset == self._hashed:
-                self._hash.update(view)
-                self._hashed += n
-                if any(start < self._hashed for start in self._early):
-                    self._rehash = True  # overlapped an early range: recompute at the end
-                    return n
-                while self._hashed in self._early:
-                    end = self._early.pop(self._hashed)
-                    self._hash_from_file(self._hashed, end)
-                    self._hashed = end
-            elif offset > self._hashed:
-                self._add_early(offset, offset + n)
-            else:
-                # Bytes rewritten below the hash position (an SDK retrying a
-                # range): the running hash may not match the file any more.
+            if not self._cover(offset, offset + n):
+                # Bytes written twice (an SDK retrying a range): the running hash
+                # may not match the file any more; hash the finished file instead.
                 self._rehash = True
+                self._cond.notify_all()
+                return n
+            before = self._ready
+            while self._ready in self._covered:
+                self._ready = self._covered.pop(self._ready)
+            if self._ready > before:
+                self._f.flush()  # the hasher reads the file descriptor
+                self._start_hasher()
+                self._cond.notify_all()
         return n
 
-    def _add_early(self, start: int, end: int) -> None:
+    def _cover(self, start: int, end: int) -> bool:
+        """Record [start, end) as written; False if it overlaps what was written."""
+        if start < self._ready:
+            return False
         # Ranges are merged as they grow, so there are about as many entries
         # as ranges in flight and a linear scan is cheap.
-        for s, e in list(self._early.items()):
+        for s, e in list(self._covered.items()):
             if s < end and start < e:
-                self._rehash = True
-                return
+                return False
             if e == start:
                 start = s
-                del self._early[s]
+                del self._covered[s]
             elif s == end:
                 end = e
-                del self._early[s]
-        self._early[start] = end
+                del self._covered[s]
+        self._covered[start] = end
+        return True
 
-    def _hash_from_file(self, start: int, end: int) -> None:
-        self._f.flush()
+    # --- the hasher -----------------------------------------------------------------------
+    def _start_hasher(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._hash_loop, name="covalent-lot-sha256", daemon=True)
+            self._thread.start()
+
+    def _hash_loop(self) -> None:
         fd = self._f.fileno()
-        while start < end:
-            chunk = os.pread(fd, min(CHUNK, end - start), start)
-            if not chunk:
-                raise OSError(f"short read while verifying {self._f.name!r} at {start}")
-            self._hash.update(chunk)
-            start += len(chunk)
+        try:
+            while True:
+                with self._cond:
+                    while not (self._closing or self._rehash or self._hashed < self._ready):
+                        self._cond.wait()
+                    if self._closing or self._rehash:
+                        return
+                    start, end = self._hashed, min(self._ready, self._hashed + CHUNK)
+                chunk = os.pread(fd, end - start, start)  # outside the lock: writers go on
+                if not chunk:
+                    raise OSError(f"short read while verifying {self._f.name!r} at {start}")
+                self._hash.update(chunk)
+                with self._cond:
+                    self._hashed = start + len(chunk)
+                    self._cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to hexdigest()
+            with self._cond:
+                self._failure = exc
+                self._cond.notify_all()
+
+    def _stop_hasher(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop hashing (idempotent); the file object itself stays open."""
+        self._stop_hasher()
 
     def hexdigest(self) -> str | None:
         """sha256 of the whole file as written; None when hashing is off."""
         if self._hash is None:
             return None
-        with self._lock:
+        with self._cond:
             self._f.flush()
             size = os.fstat(self._f.fileno()).st_size
-            if self._rehash:
-                self._hash = hashlib.sha256()
-                self._hashed = 0
-                self._rehash = False
-                self._early.clear()
-            if self._hashed < size:
-                self._hash_from_file(self._hashed, size)
-                self._hashed = size
-            return self._hash.hexdigest()
+            if not self._rehash and size > self._ready:
+                self._ready = size  # the file is final: hash all of it, holes included
+                self._start_hasher()
+                self._cond.notify_all()
+            while not (self._rehash or self._failure or self._hashed >= size):
+                self._cond.wait()
+            failure, rehash = self._failure, self._rehash
+        self._stop_hasher()
+        if failure is not None:
+            raise failure
+        if rehash:
+            self._hash = hashlib.sha256()
+            fd = self._f.fileno()
+            offset = 0
+            while offset < size:
+                chunk = os.pread(fd, min(CHUNK, size - offset), offset)
+                if not chunk:
+                    raise OSError(f"short read while verifying {self._f.name!r} at {offset}")
+                self._hash.update(chunk)
+                offset += len(chunk)
+            self._rehash = False
+            self._hashed = size
+        return self._hash.hexdigest()
 
 
 @contextlib.contextmanager
