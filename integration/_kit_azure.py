@@ -7,28 +7,14 @@ speaks a newer service version than Azurite 3.35 knows.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
-
-def _load_kits():
-    # integration/ is not a package: load _kits.py by path under the name conftest
-    # uses, so there is one copy of it (and of _servers, through load_sibling).
-    if "lot_it__kits" in sys.modules:
-        return sys.modules["lot_it__kits"]
-    spec = importlib.util.spec_from_file_location("lot_it__kits", Path(__file__).with_name("_kits.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lot_it__kits"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_kits = _load_kits()
+# Kit modules are loaded through _kits.load_sibling (conftest.py does), so _kits is
+# in sys.modules already, under the name it registers itself with.
+_kits = sys.modules["lot_it__kits"]
 _servers = _kits.load_sibling("_servers")
 StoreKit = _kits.StoreKit
 
@@ -54,22 +40,21 @@ def connection_string(endpoint: str, key: str = ACCOUNT_KEY) -> str:
     )
 
 
-class Azurite:
+class Azurite(_servers.ServerProcess):
     """A private ``azurite-blob`` on 127.0.0.1, in its own process group.
 
     Data, logs and Azurite's own databases stay below ``workdir``.
     """
 
+    _name = "Azurite"
+    _clash_markers = ("EADDRINUSE",)
+    _clash_error = "Azurite could not bind a free port 3 times; log:\n"
+
     def __init__(self, workdir: os.PathLike | str, start_timeout: float = 30.0,
                  stop_timeout: float = 10.0) -> None:
-        self.workdir = Path(workdir).resolve()
-        self.data_dir = self.workdir / "data"
-        self.log_path = self.workdir / "azurite.log"
-        self.start_timeout = start_timeout
+        super().__init__(workdir, "azurite.log", start_timeout)
         self.stop_timeout = stop_timeout
         self.port: Optional[int] = None
-        self._proc: Optional[subprocess.Popen] = None
-        self._log = None
 
     @property
     def endpoint(self) -> str:
@@ -79,24 +64,13 @@ class Azurite:
     def connection_string(self) -> str:
         return connection_string(self.endpoint)
 
-    def start(self) -> "Azurite":
-        if self._proc is not None:
-            raise RuntimeError("Azurite already started")
+    def _prepare(self) -> None:
         if not AZURITE_BIN.exists():
             raise RuntimeError(
                 f"Azurite not found at {AZURITE_BIN}; `make install` installs it "
                 "(npm install --prefix .tools azurite@3.35.0, needs Node >= 18)"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        for _attempt in range(3):
-            try:
-                self._start_once()
-                return self
-            except _PortClash:
-                continue
-        raise RuntimeError(
-            f"Azurite could not bind a free port 3 times; log:\n{_servers._tail(self.log_path)}"
-        )
 
     def _env(self) -> dict:
         # AZURITE_ACCOUNTS would replace devstoreaccount1 and its key.
@@ -105,9 +79,9 @@ class Azurite:
         env["HOME"] = str(self.workdir)
         return env
 
-    def _start_once(self) -> None:
+    def _command(self) -> list[str]:
         self.port = _servers.free_port(avoid_offsets=())
-        args = [
+        return [
             str(AZURITE_BIN),
             "--blobHost", _servers.LOOPBACK,
             "--blobPort", str(self.port),
@@ -117,68 +91,13 @@ class Azurite:
             "--disableTelemetry",
             "--silent",
         ]
-        self._log = open(self.log_path, "ab")
-        try:
-            self._proc = subprocess.Popen(
-                args,
-                cwd=self.workdir,
-                env=self._env(),
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own group: stop() signals the group
-            )
-        except OSError as exc:
-            self._log.close()
-            self._log = None
-            raise RuntimeError(f"could not run {AZURITE_BIN} (is `node` on PATH?): {exc}") from exc
-        _servers._LIVE.add(self)
-        _servers._convert_sigterm()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        url = f"{self.endpoint}?comp=list"
-        while time.monotonic() < deadline:
-            rc = self._proc.poll()
-            if rc is not None:
-                log = _servers._tail(self.log_path)
-                if "EADDRINUSE" in log:
-                    raise _PortClash()
-                raise RuntimeError(f"Azurite exited with {rc} while starting; log tail:\n{log}")
-            # Any HTTP answer (403 without credentials) means it is serving.
-            if _servers._http_status(url) is not None:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"Azurite not ready after {self.start_timeout:.1f}s; log tail:\n{_servers._tail(self.log_path)}"
-        )
+    def _spawn_failed(self, exc: OSError) -> None:
+        raise RuntimeError(f"could not run {AZURITE_BIN} (is `node` on PATH?): {exc}") from exc
 
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        try:
-            if proc is not None:
-                _servers._kill_group(proc.pid, term_timeout=self.stop_timeout)
-                _servers._reap(proc)
-        finally:
-            if self._log is not None:
-                self._log.close()
-                self._log = None
-            _servers._LIVE.discard(self)
-
-    def __enter__(self) -> "Azurite":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-class _PortClash(Exception):
-    pass
+    def _ready(self) -> bool:
+        # Any HTTP answer (403 without credentials) means it is serving.
+        return _servers._http_status(f"{self.endpoint}?comp=list") is not None
 
 
 def _to_azure(metadata: dict | None) -> dict:

@@ -16,28 +16,14 @@ Quirks met (fake-gcs-server as shipped in wrapper 0.1.1):
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
-
-def _load_kits():
-    # integration/ is not a package: load _kits.py by path under the name conftest
-    # uses, so there is one copy of it (and of _servers, through load_sibling).
-    if "lot_it__kits" in sys.modules:
-        return sys.modules["lot_it__kits"]
-    spec = importlib.util.spec_from_file_location("lot_it__kits", Path(__file__).with_name("_kits.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lot_it__kits"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_kits = _load_kits()
+# Kit modules are loaded through _kits.load_sibling (conftest.py does), so _kits is
+# in sys.modules already, under the name it registers itself with.
+_kits = sys.modules["lot_it__kits"]
 _servers = _kits.load_sibling("_servers")
 StoreKit = _kits.StoreKit
 
@@ -54,66 +40,25 @@ def _binary() -> str:
     return str(_server._get_binary_path())
 
 
-class FakeGCSServer:
+class FakeGCSServer(_servers.ServerProcess):
     """A private ``fake-gcs-server`` (filesystem backend) on 127.0.0.1, in its own
     process group; data and log stay below ``workdir``."""
 
+    _name = "fake-gcs-server"
+    _clash_error = "fake-gcs-server could not bind a port 3 times; log tail:\n"
+    _poll_interval = 0.05
+
     def __init__(self, workdir: os.PathLike | str, start_timeout: float = 30.0) -> None:
-        self.workdir = Path(workdir).resolve()
-        self.start_timeout = start_timeout
-        self.data_dir = self.workdir / "data"
-        self.log_path = self.workdir / "fake-gcs-server.log"
+        super().__init__(workdir, "fake-gcs-server.log", start_timeout)
         self.port: Optional[int] = None
-        self._proc: Optional[subprocess.Popen] = None
-        self._log = None
-        self.start_seconds: Optional[float] = None
 
     @property
     def endpoint(self) -> str:
         return f"http://{_servers.LOOPBACK}:{self.port}"
 
-    @property
-    def pid(self) -> Optional[int]:
-        return self._proc.pid if self._proc else None
-
-    def start(self) -> "FakeGCSServer":
-        if self._proc is not None:
-            raise RuntimeError("FakeGCSServer already started")
+    def _prepare(self) -> None:
         for sub in (self.data_dir, self.workdir / "home", self.workdir / "tmp"):
             sub.mkdir(parents=True, exist_ok=True)
-        t0 = time.monotonic()
-        # The port can be taken between free_port() and the server's bind: retry.
-        for attempt in range(3):
-            try:
-                self._start_once()
-                self.start_seconds = time.monotonic() - t0
-                return self
-            except _PortClash:
-                if attempt == 2:
-                    raise RuntimeError(
-                        "fake-gcs-server could not bind a port 3 times; log tail:\n"
-                        + _servers._tail(self.log_path)
-                    ) from None
-        return self  # not reached
-
-    def stop(self) -> None:
-        # Forget the process only once it is gone, so that the atexit hook can
-        # still try again if this is interrupted half-way.
-        proc = self._proc
-        if proc is not None:
-            _servers._kill_group(proc.pid)
-            _servers._reap(proc)
-            self._proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        _servers._LIVE.discard(self)
-
-    def __enter__(self) -> "FakeGCSServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def _env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_GOOGLE_ENV_PREFIXES)}
@@ -121,9 +66,9 @@ class FakeGCSServer:
         env["TMPDIR"] = str(self.workdir / "tmp")
         return env
 
-    def _start_once(self) -> None:
+    def _command(self) -> list[str]:
         self.port = _servers.free_port(avoid_offsets=())
-        args = [
+        return [
             _binary(),
             "-scheme", "http",
             "-host", _servers.LOOPBACK,
@@ -133,49 +78,9 @@ class FakeGCSServer:
             "-external-url", self.endpoint,
             "-log-level", "warn",
         ]
-        if self._log is None:
-            self._log = open(self.log_path, "ab")
-        self._proc = subprocess.Popen(
-            args,
-            cwd=self.workdir,
-            env=self._env(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own group: stop() signals the group
-        )
-        _servers._LIVE.add(self)
-        _servers._convert_sigterm()
-        try:
-            self._wait_ready()
-        except BaseException:
-            proc, self._proc = self._proc, None
-            _servers._kill_group(proc.pid)
-            _servers._reap(proc)
-            _servers._LIVE.discard(self)
-            raise
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        url = f"{self.endpoint}/storage/v1/b"
-        while time.monotonic() < deadline:
-            rc = self._proc.poll()
-            if rc is not None:
-                log = _servers._tail(self.log_path)
-                if "address already in use" in log:
-                    raise _PortClash()
-                raise RuntimeError(f"fake-gcs-server exited with {rc} while starting; log tail:\n{log}")
-            if _servers._http_status(url) == 200:
-                return
-            time.sleep(0.05)
-        raise RuntimeError(
-            f"fake-gcs-server not ready after {self.start_timeout:.1f}s; log tail:\n"
-            + _servers._tail(self.log_path)
-        )
-
-
-class _PortClash(Exception):
-    pass
+    def _ready(self) -> bool:
+        return _servers._http_status(f"{self.endpoint}/storage/v1/b") == 200
 
 
 class GCSKit(StoreKit):

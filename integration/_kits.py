@@ -14,6 +14,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+# The kit modules (_kit_*.py, loaded by load_sibling) take this module from
+# sys.modules under the name the scheme below gives it, however it was imported.
+if __name__ in sys.modules:
+    sys.modules.setdefault("lot_it__kits", sys.modules[__name__])
+
 
 def load_sibling(name: str):
     """Import ``integration/<name>.py`` by path (integration/ is not a package)."""

@@ -40,6 +40,7 @@ __all__ = [
     "dir_bytes",
     "covalent_client_env",
     "is_covalent_core_var",
+    "ServerProcess",
     "SeaweedS3",
     "CovalentServer",
 ]
@@ -226,6 +227,157 @@ def _stop_leftovers() -> None:
             pass
 
 
+# -------------------------------------------------------------- one server process
+
+
+class _PortClash(Exception):
+    """The server could not bind a port picked for it: retry with fresh ones."""
+
+
+def _spawn(args: list[str], cwd: Path, env: Mapping[str, str], log) -> subprocess.Popen:
+    """Run ``args`` with stdout and stderr into ``log``, in a session of its own so
+    that stopping it can signal the whole process group."""
+    return subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+class ServerProcess:
+    """The lifecycle of one long-running server process on loopback.
+
+    ``start()`` runs :meth:`_command` in its own process group with its output
+    appended to ``log_path``, waits (bounded) until :meth:`_ready`, and retries
+    with fresh ports when the server reports one of ``_clash_markers``;
+    ``stop()`` takes the whole group down. A started server is in ``_LIVE``, so
+    the atexit hook stops it should nobody else.
+
+    Subclasses set the class attributes below and implement :meth:`_command`,
+    :meth:`_env` and :meth:`_ready`; :meth:`_prepare`, :meth:`_after_exit` and
+    :meth:`_spawn_failed` are optional hooks.
+    """
+
+    _name = "server"  # in error messages
+    _clash_markers: tuple[str, ...] = ("address already in use",)  # in its log
+    _clash_error = "server could not bind its ports 3 times; log tail:\n"
+    _poll_interval = 0.1  # seconds between readiness checks
+    stop_timeout = 15.0  # SIGTERM grace before SIGKILL
+
+    def __init__(self, workdir: os.PathLike | str, log_name: str, start_timeout: float) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.start_timeout = start_timeout
+        self.data_dir = self.workdir / "data"
+        self.log_path = self.workdir / log_name
+        self._proc: Optional[subprocess.Popen] = None
+        self._log = None
+        self.start_seconds: Optional[float] = None
+
+    # -- hooks
+
+    def _prepare(self) -> None:
+        """Once per start(), before the first attempt (directories, checks)."""
+
+    def _command(self) -> list[str]:
+        """Pick fresh ports (and reset per-attempt state); the command line."""
+        raise NotImplementedError
+
+    def _env(self) -> dict:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        """Whether the running server serves yet."""
+        raise NotImplementedError
+
+    def _spawn_failed(self, exc: OSError) -> None:
+        """The command could not be run; raise something clearer to replace ``exc``."""
+
+    def _after_exit(self) -> None:
+        """Cleanup once the process group is gone (stop() calls it every time)."""
+
+    # -- public surface
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self._proc else None
+
+    def start(self):
+        if self._proc is not None:
+            raise RuntimeError(f"{type(self).__name__} already started")
+        self._prepare()
+        t0 = time.monotonic()
+        # A port can be taken between free_port() and the server's bind; the
+        # server then exits saying so, and a few fresh ports are tried.
+        for _attempt in range(3):
+            try:
+                self._start_once()
+            except _PortClash:
+                continue
+            self.start_seconds = time.monotonic() - t0
+            return self
+        raise RuntimeError(self._clash_error + _tail(self.log_path))
+
+    def stop(self) -> None:
+        # Forget the process only once it is gone, so that the atexit hook can
+        # still try again if this is interrupted half-way.
+        proc = self._proc
+        if proc is not None:
+            _kill_group(proc.pid, term_timeout=self.stop_timeout)
+            _reap(proc)
+            self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self._after_exit()
+        _LIVE.discard(self)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- internals
+
+    def _start_once(self) -> None:
+        args = self._command()
+        self._log = open(self.log_path, "ab")
+        try:
+            self._proc = _spawn(args, self.workdir, self._env(), self._log)
+        except OSError as exc:
+            self._log.close()
+            self._log = None
+            self._spawn_failed(exc)
+            raise
+        _LIVE.add(self)
+        _convert_sigterm()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            rc = self._proc.poll()
+            if rc is not None:
+                log = _tail(self.log_path)
+                if any(marker in log for marker in self._clash_markers):
+                    raise _PortClash()
+                raise RuntimeError(f"{self._name} exited with {rc} while starting; log tail:\n{log}")
+            if self._ready():
+                return
+            time.sleep(self._poll_interval)
+        raise RuntimeError(
+            f"{self._name} not ready after {self.start_timeout:.1f}s; log tail:\n{_tail(self.log_path)}"
+        )
+
+
 # ------------------------------------------------------------------------ SeaweedFS
 
 # Environment variables SeaweedFS reads that would change its behaviour behind our
@@ -234,7 +386,7 @@ def _stop_leftovers() -> None:
 _SEAWEED_ENV_PREFIXES = ("AWS_", "S3_", "WEED_")
 
 
-class SeaweedS3:
+class SeaweedS3(ServerProcess):
     """A private ``weed mini`` (master, volume, filer, S3) on loopback.
 
     With ``access_key``/``secret_key`` the S3 gateway *enforces* them (SeaweedFS
@@ -246,6 +398,12 @@ class SeaweedS3:
     '..', not an IP address, no 'xn--' prefix nor '-s3alias' suffix.
     """
 
+    _name = "weed mini"
+    # weed checks its ports up front ("Port allocation failed"), a bind racing
+    # with another process says "address already in use".
+    _clash_markers = ("Port allocation failed", "address already in use")
+    _clash_error = "weed could not bind its ports 3 times; log tail:\n"
+
     def __init__(
         self,
         workdir: os.PathLike | str,
@@ -255,18 +413,10 @@ class SeaweedS3:
     ) -> None:
         if (access_key is None) != (secret_key is None):
             raise ValueError("give both access_key and secret_key, or neither")
-        self.workdir = Path(workdir).resolve()
+        super().__init__(workdir, "weed.log", start_timeout)
         self.access_key = access_key
         self.secret_key = secret_key
-        self.start_timeout = start_timeout
-        self.data_dir = self.workdir / "data"
-        self.log_path = self.workdir / "weed.log"
         self.ports: dict[str, int] = {}
-        self._proc: Optional[subprocess.Popen] = None
-        self._log = None
-        self.start_seconds: Optional[float] = None
-
-    # -- public surface
 
     @property
     def s3_port(self) -> int:
@@ -276,47 +426,10 @@ class SeaweedS3:
     def endpoint(self) -> str:
         return f"http://{LOOPBACK}:{self.s3_port}"
 
-    @property
-    def pid(self) -> Optional[int]:
-        return self._proc.pid if self._proc else None
+    # -- hooks
 
-    def start(self) -> "SeaweedS3":
-        if self._proc is not None:
-            raise RuntimeError("SeaweedS3 already started")
+    def _prepare(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        t0 = time.monotonic()
-        # A port can be taken between free_port() and weed's bind; weed then exits
-        # with "address already in use", so retry with fresh ports a few times.
-        for attempt in range(3):
-            try:
-                self._start_once()
-                self.start_seconds = time.monotonic() - t0
-                return self
-            except _PortClash:
-                if attempt == 2:
-                    raise RuntimeError(
-                        "weed could not bind its ports 3 times; log tail:\n" + _tail(self.log_path)
-                    ) from None
-        return self  # not reached
-
-    def stop(self) -> None:
-        # Forget the process only once it is gone, so that the atexit hook can
-        # still try again if this is interrupted half-way.
-        proc = self._proc
-        if proc is not None:
-            _kill_group(proc.pid)
-            _reap(proc)
-            self._proc = None
-        self._cleanup_after_exit()
-        _LIVE.discard(self)
-
-    def __enter__(self) -> "SeaweedS3":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    # -- internals
 
     def _env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_SEAWEED_ENV_PREFIXES)}
@@ -334,7 +447,7 @@ class SeaweedS3:
         path = str(self.workdir / f"{name}.sock")
         return path if len(path.encode()) < 100 else None
 
-    def _start_once(self) -> None:
+    def _command(self) -> list[str]:
         self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
         if self.data_dir.exists():
             # mini.options in the data dir would pin the previous attempt's ports.
@@ -363,47 +476,16 @@ class SeaweedS3:
             sock = self._socket_path(name)
             if sock:
                 args.append(f"-{name}.localSocket={sock}")
-        self._log = open(self.log_path, "ab")
-        self._proc = subprocess.Popen(
-            args,
-            cwd=self.workdir,
-            env=self._env(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own group: stop() signals the group
-        )
-        _LIVE.add(self)
-        _convert_sigterm()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        return args
 
-    def _wait_ready(self) -> None:
-        """Wait until S3 answers and a volume server has joined the master.
+    def _ready(self) -> bool:
+        """S3 answers and a volume server has joined the master.
 
         S3's /healthz answers before the volume server registers; a PUT in that
         window fails, so also wait for the master to report free volume slots.
         """
-        deadline = time.monotonic() + self.start_timeout
         master = f"http://{LOOPBACK}:{self.ports['master']}/dir/status"
-        while time.monotonic() < deadline:
-            rc = self._proc.poll()
-            if rc is not None:
-                log = _tail(self.log_path)
-                # weed checks its ports up front ("Port allocation failed"), a
-                # bind racing with another process says "address already in use".
-                if "Port allocation failed" in log or "address already in use" in log:
-                    raise _PortClash()
-                raise RuntimeError(f"weed mini exited with {rc} while starting; log tail:\n{log}")
-            if _http_status(self.endpoint + "/healthz") is not None and self._volume_joined(master):
-                return
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"weed mini not ready after {self.start_timeout:.1f}s; log tail:\n{_tail(self.log_path)}"
-        )
+        return _http_status(self.endpoint + "/healthz") is not None and self._volume_joined(master)
 
     @staticmethod
     def _volume_joined(master_status_url: str) -> bool:
@@ -414,10 +496,7 @@ class SeaweedS3:
             return False
         return bool(topo.get("Free")) or bool(topo.get("DataCenters"))
 
-    def _cleanup_after_exit(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    def _after_exit(self) -> None:
         # weed puts its gRPC unix sockets in /tmp whatever TMPDIR says, and a
         # killed (not terminated) weed leaves them behind: remove ours only.
         for name, port in self.ports.items():
@@ -429,10 +508,6 @@ class SeaweedS3:
                     os.unlink(path)
                 except OSError:
                     pass
-
-
-class _PortClash(Exception):
-    pass
 
 
 # ------------------------------------------------------------------------- Covalent
@@ -618,15 +693,7 @@ class CovalentServer:
         with open(self.start_log_path, "ab") as log:
             # `covalent start` polls the server forever and the server inherits the
             # CLI's process group: a new session makes the group ours to kill.
-            proc = subprocess.Popen(
-                cmd,
-                cwd=self.workdir,
-                env=self.server_env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            proc = _spawn(cmd, self.workdir, self.server_env, log)
         self._pgid = proc.pid
         self._cli_proc = proc
         _LIVE.add(self)
