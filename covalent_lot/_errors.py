@@ -100,9 +100,18 @@ def translate(verdict: Classified, *, action: str, target: str, endpoint: str) -
 
 
 def exception_chain(exc: BaseException | None):
-    """``exc`` and its causes, outermost first: SDKs wrap the error that matters."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
+    """``exc`` and its causes, outermost first: SDKs wrap the error that matters.
+
+    Follows ``__cause__``/``__context__`` and azure-core's ``inner_exception``.
+    """
+    seen: set[int] = set()
+    pending = [exc] if exc is not None else []
+    while pending:
+        err = pending.pop(0)
+        while err is not None and id(err) not in seen:
+            seen.add(id(err))
+            yield err
+            inner = getattr(err, "inner_exception", None)
+            if isinstance(inner, BaseException) and id(inner) not in seen:
+                pending.append(inner)
+            err = err.__cause__ or err.__context__

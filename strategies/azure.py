@@ -240,21 +240,6 @@ def _error_code(exc: BaseException) -> str:
     return str(getattr(code, "value", code) or "")
 
 
-def _chain(exc: BaseException):
-    """exception_chain, also through azure-core's ``inner_exception``."""
-    seen: set[int] = set()
-    pending = [exc]
-    while pending:
-        for err in exception_chain(pending.pop(0)):
-            if id(err) in seen:
-                continue
-            seen.add(id(err))
-            yield err
-            inner = getattr(err, "inner_exception", None)
-            if isinstance(inner, BaseException) and id(inner) not in seen:
-                pending.append(inner)
-
-
 @functools.lru_cache(maxsize=None)
 def _retry_class():
     from azure.storage.blob import ExponentialRetry
@@ -317,9 +302,8 @@ class AzureBackend(Backend):
 
     def __init__(self, settings: Mapping[str, Any]):
         super().__init__(settings)
-        # The client is built on first use, inside the engine's guard, so that a
-        # missing credential becomes a translated PermissionError naming the target.
-        self._service = None
+        # The client is built on first use (Backend.client), inside the engine's guard,
+        # so that a missing credential becomes a translated PermissionError naming the target.
         self._identity = None  # DefaultAzureCredential, closed with the client
         self._copy_sas: str | None = None  # appended to copy sources for SAS credentials
         url = account_url_of(settings)
@@ -350,11 +334,8 @@ class AzureBackend(Backend):
         value = os.environ.get(self.settings[option])
         return value.strip() if value and value.strip() else None
 
-    @property
-    def service(self):
-        if self._service is None:
-            self._service = self._connect(**self._client_kwargs())
-        return self._service
+    def connect(self):
+        return self._connect(**self._client_kwargs())
 
     def _connect(self, **kwargs: Any):
         """The client for the first credential found, in the order of ``credential``."""
@@ -449,7 +430,7 @@ class AzureBackend(Backend):
         return BlobServiceClient(url, credential=credential, **kwargs)
 
     def _blob(self, location: StoreURI):
-        return self.service.get_blob_client(location.bucket, location.key)
+        return self.client.get_blob_client(location.bucket, location.key)
 
     @contextlib.contextmanager
     def _naming(self, container: str):
@@ -470,7 +451,7 @@ class AzureBackend(Backend):
         return RemoteObject(location, props.size, _checksum(props.metadata), props.etag)
 
     def iter_objects(self, prefix: StoreURI) -> Iterator[RemoteObject]:
-        container = self.service.get_container_client(prefix.bucket)
+        container = self.client.get_container_client(prefix.bucket)
         with self._naming(prefix.bucket):
             # Metadata comes with the listing: no request per blob for its checksum.
             for item in container.list_blobs(name_starts_with=prefix.key or None, include=["metadata"]):
@@ -485,7 +466,7 @@ class AzureBackend(Backend):
         block = block_size_for(size, self.settings["max_block_size"])
         dedicated = None
         if block != self.settings["max_block_size"]:
-            service = self.service
+            service = self.client
             from azure.storage.blob import BlobClient
 
             dedicated = BlobClient(
@@ -564,9 +545,9 @@ class AzureBackend(Backend):
             self._blob(location).delete_blob()
 
     def close(self) -> None:
-        if self._service is not None:
-            self._service.close()
-            self._service = None
+        if self.connected:
+            self.client.close()
+            self._client = None
         if self._identity is not None:
             self._identity.close()
             self._identity = None
@@ -589,7 +570,7 @@ class AzureBackend(Backend):
                         getattr(ax, "ServiceResponseTimeoutError", None)) if t is not None
         )
         fallback: BaseException | None = None
-        for err in _chain(exc):
+        for err in exception_chain(exc):
             if isinstance(err, _MissingContainer):
                 return Classified(ErrorKind.NOT_FOUND, str(err), "create the container or fix its name")
             if isinstance(err, _NoCredential):

@@ -275,7 +275,7 @@ def test_nothing_secret_is_touched_on_the_client(az, monkeypatch):
 def test_connection_string_from_the_environment(az, monkeypatch):
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", FAKE_CONNECTION_STRING)
     backend = make_backend(az)
-    assert backend.service.account_name == "lotunitacct"  # builds a client, sends nothing
+    assert backend.client.account_name == "lotunitacct"  # builds a client, sends nothing
     assert backend.endpoint == "http://127.0.0.1:9/lotunitacct"
     backend.close()
 
@@ -283,14 +283,14 @@ def test_connection_string_from_the_environment(az, monkeypatch):
 def test_connection_string_variable_name_is_an_option(az, monkeypatch):
     monkeypatch.setenv("TEAM_AZURE_CS", FAKE_CONNECTION_STRING)
     backend = make_backend(az, connection_string_env="TEAM_AZURE_CS", credential="connection_string")
-    assert backend.service.account_name == "lotunitacct"
+    assert backend.client.account_name == "lotunitacct"
     backend.close()
 
 
 def test_explicit_account_url_wins_over_the_connection_string_endpoint(az, monkeypatch):
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", FAKE_CONNECTION_STRING)
     backend = make_backend(az, account_url="http://127.0.0.1:8/lotunitacct")
-    assert backend.service.url.startswith("http://127.0.0.1:8/lotunitacct")
+    assert backend.client.url.startswith("http://127.0.0.1:8/lotunitacct")
     backend.close()
 
 
@@ -299,12 +299,12 @@ def test_account_key_names_the_account_from_the_url(az, monkeypatch):
 
     monkeypatch.setenv("AZURE_STORAGE_KEY", FAKE_KEY)
     backend = make_backend(az, account_url=URL)
-    service = backend.service
+    service = backend.client
     assert isinstance(service.credential, SharedKeyCredentialPolicy)
     assert service.credential.account_name == "devstoreaccount1"
     backend.close()
     backend = make_backend(az, account_name="myacct")
-    assert backend.service.credential.account_name == "myacct"
+    assert backend.client.credential.account_name == "myacct"
     backend.close()
 
 
@@ -322,8 +322,8 @@ def test_sas_token(az, monkeypatch):
 
     monkeypatch.setenv("AZURE_STORAGE_SAS_TOKEN", "?" + FAKE_SAS)
     backend = make_backend(az, account_url=URL)
-    assert isinstance(backend.service.credential, AzureSasCredential)
-    assert "LotUnitFakeSasSignature" not in backend.service.url  # kept out of URLs and messages
+    assert isinstance(backend.client.credential, AzureSasCredential)
+    assert "LotUnitFakeSasSignature" not in backend.client.url  # kept out of URLs and messages
     backend.close()
 
 
@@ -331,7 +331,7 @@ def test_auto_prefers_the_connection_string(az, monkeypatch):
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     backend = make_backend(az)
-    assert backend.service.account_name == "lotunitacct"
+    assert backend.client.account_name == "lotunitacct"
     backend.close()
 
 
@@ -345,7 +345,7 @@ def test_no_credential_is_a_permission_error_naming_the_variables(az, monkeypatc
     monkeypatch.setitem(sys.modules, "azure.identity", None)  # not installed
     backend = make_backend(az, account_url=URL)
     with pytest.raises(PermissionError) as info:
-        guarded(backend, lambda: backend.service)
+        guarded(backend, lambda: backend.client)
     message = str(info.value)
     for name in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN"):
         assert name in message
@@ -361,21 +361,21 @@ def test_no_credential_is_a_permission_error_naming_the_variables(az, monkeypatc
 def test_explicit_credential_whose_variable_is_unset(az, mode, variable):
     backend = make_backend(az, account_url=URL, credential=mode)
     with pytest.raises(PermissionError, match=variable):
-        guarded(backend, lambda: backend.service)
+        guarded(backend, lambda: backend.client)
 
 
 def test_identity_without_azure_identity_names_the_extra(az, monkeypatch):
     monkeypatch.setitem(sys.modules, "azure.identity", None)
     backend = make_backend(az, account_name="myacct", credential="azure_identity")
     with pytest.raises(ImportError, match=r"pip install covalent-lot\[azure-identity\]"):
-        backend.service
+        backend.client
 
 
 def test_key_without_an_account_is_a_value_error(az, monkeypatch):
     monkeypatch.setenv("AZURE_STORAGE_KEY", FAKE_KEY)
     backend = make_backend(az)
     with pytest.raises(ValueError, match="account_url or account_name") as info:
-        guarded(backend, lambda: backend.service)
+        guarded(backend, lambda: backend.client)
     assert FAKE_KEY not in str(info.value)
 
 
@@ -383,13 +383,13 @@ def test_malformed_secrets_are_refused_without_echoing_them(az, monkeypatch):
     monkeypatch.setenv("AZURE_STORAGE_SAS_TOKEN", "LotUnitFakeSasSignature-not-a-sas")
     backend = make_backend(az, account_url=URL, credential="sas_token")
     with pytest.raises(PermissionError, match="AZURE_STORAGE_SAS_TOKEN") as info:
-        guarded(backend, lambda: backend.service)
+        guarded(backend, lambda: backend.client)
     assert "LotUnitFakeSasSignature" not in str(info.value)
 
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "LotUnitFakeGarbage;Nothing=here")
     backend = make_backend(az, credential="connection_string")
     with pytest.raises(PermissionError, match="AZURE_STORAGE_CONNECTION_STRING") as info:
-        guarded(backend, lambda: backend.service)
+        guarded(backend, lambda: backend.client)
     assert "LotUnitFakeGarbage" not in str(info.value)
 
 
@@ -398,21 +398,21 @@ def test_auto_with_identity_but_no_https_account_is_a_permission_error(az):
     for options in ({}, {"account_url": URL}):
         backend = make_backend(az, **options)
         with pytest.raises(PermissionError, match="DefaultAzureCredential needs an https") as info:
-            guarded(backend, lambda: backend.service)
+            guarded(backend, lambda: backend.client)
         assert "AZURE_STORAGE_KEY" in str(info.value)
 
 
 def test_identity_client_is_built_and_closed(az):
     pytest.importorskip("azure.identity")
     backend = make_backend(az, account_name="myacct", credential="azure_identity")
-    assert hasattr(backend.service.credential, "get_token")  # no token is asked for yet
+    assert hasattr(backend.client.credential, "get_token")  # no token is asked for yet
     backend.close()
-    assert backend._identity is None and backend._service is None
+    assert backend._identity is None and not backend.connected
 
 
 def test_anonymous_has_no_credential(az):
     backend = make_backend(az, account_url=URL, credential="anonymous")
-    assert backend.service.credential is None
+    assert backend.client.credential is None
     backend.close()
 
 
@@ -429,7 +429,7 @@ def test_undecodable_key_is_denied_before_anything_is_sent(az, monkeypatch):
 def test_client_takes_the_transfer_settings(az, monkeypatch):
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", FAKE_CONNECTION_STRING)
     backend = make_backend(az, max_block_size="16MiB", max_single_put_size="32MiB", max_attempts=3)
-    config = backend.service._config
+    config = backend.client._config
     assert config.max_block_size == 16 * MiB and config.max_chunk_get_size == 16 * MiB
     assert config.max_single_put_size == 32 * MiB
     retry = config.retry_policy
@@ -825,7 +825,7 @@ def test_failed_copy_is_reported(az, monkeypatch):
 def test_sas_is_added_to_the_copy_source(az, monkeypatch):
     monkeypatch.setenv("AZURE_STORAGE_SAS_TOKEN", FAKE_SAS)
     backend = make_backend(az, account_url=URL)
-    backend.service  # resolves the credential
+    backend.client  # resolves the credential
     target = FakeCopyTarget(pending=0)
     monkeypatch.setattr(backend, "_blob", lambda location: target)
     from covalent_lot._engine import RemoteObject
