@@ -28,6 +28,7 @@ __all__ = [
     "translate",
     "TRANSIENT",
     "exception_chain",
+    "MissingBucket",
 ]
 
 
@@ -85,6 +86,22 @@ class Classified:
     @property
     def transient(self) -> bool:
         return self.kind in TRANSIENT
+
+
+class MissingBucket(Exception):
+    """Raised by a backend when the bucket (or container) itself does not exist.
+
+    Services answer 404 for a missing object and a missing bucket alike; a
+    backend that told them apart raises this so the message says which.
+    """
+
+    def __init__(self, bucket: str, noun: str = "bucket"):
+        super().__init__(f"{noun} {bucket!r} does not exist")
+        self.bucket = bucket
+        self.noun = noun
+
+    def verdict(self) -> Classified:
+        return Classified(ErrorKind.NOT_FOUND, str(self), f"create the {self.noun} or fix its name")
 
 
 def translate(verdict: Classified, *, action: str, target: str, endpoint: str) -> Exception:

@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from covalent_lot._config import Option
 from covalent_lot._engine import Backend, RemoteObject
-from covalent_lot._errors import Classified, ErrorKind, exception_chain
+from covalent_lot._errors import Classified, ErrorKind, MissingBucket, exception_chain
 from covalent_lot._retry import RetryPolicy
 from covalent_lot._stream import CHECKSUM_KEY, VerifyingSink
 from covalent_lot._strategy import LotStrategy
@@ -271,10 +271,8 @@ def sdk_retry_policy(settings: Mapping[str, Any]):
     )
 
 
-class _MissingContainer(Exception):
-    def __init__(self, container: str):
-        super().__init__(f"container {container!r} does not exist")
-        self.container = container
+def _MissingContainer(container: str) -> MissingBucket:
+    return MissingBucket(container, noun="container")
 
 
 class _NoCredential(Exception):
@@ -571,8 +569,8 @@ class AzureBackend(Backend):
         )
         fallback: BaseException | None = None
         for err in exception_chain(exc):
-            if isinstance(err, _MissingContainer):
-                return Classified(ErrorKind.NOT_FOUND, str(err), "create the container or fix its name")
+            if isinstance(err, MissingBucket):
+                return err.verdict()
             if isinstance(err, _NoCredential):
                 return Classified(ErrorKind.DENIED, f"no Azure credential: {err}", self._credential_hint())
             if isinstance(err, _NoAccount):

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping
 from covalent_lot._config import Option
 from covalent_lot._engine import Backend, RemoteObject
 from covalent_lot._errors import ChecksumMismatchError, Classified, ErrorKind, exception_chain
+from covalent_lot._errors import MissingBucket as _MissingBucket
 from covalent_lot._stream import CHECKSUM_KEY, VerifyingSink
 from covalent_lot._strategy import LotStrategy
 from covalent_lot._uri import StoreURI
@@ -314,8 +315,7 @@ class GCSBackend(Backend):
             if isinstance(err, ChecksumMismatchError):
                 return None  # the engine's own verdict, whatever SDK error caused it
             if isinstance(err, _MissingBucket):
-                return Classified(ErrorKind.NOT_FOUND, f"bucket {err.bucket!r} does not exist",
-                                  "create the bucket or fix its name")
+                return err.verdict()
             if isinstance(err, _Changed):
                 return Classified(ErrorKind.EXISTS, str(err),
                                   "the object changed while it was read; retry to read the new version")
@@ -465,12 +465,6 @@ class _CoalescingWriter:
 
     def writable(self) -> bool:
         return True
-
-
-class _MissingBucket(Exception):
-    def __init__(self, bucket: str):
-        super().__init__(f"bucket {bucket!r} does not exist")
-        self.bucket = bucket
 
 
 class _Changed(Exception):

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping
 from covalent_lot._config import Option
 from covalent_lot._engine import Backend, RemoteObject
 from covalent_lot._errors import Classified, ErrorKind, exception_chain
+from covalent_lot._errors import MissingBucket as _MissingBucket
 from covalent_lot._stream import CHECKSUM_KEY, CHUNK, VerifyingSink
 from covalent_lot._strategy import LotStrategy
 from covalent_lot._uri import StoreURI
@@ -208,8 +209,7 @@ class S3Backend(Backend):
 
         for err in exception_chain(exc):
             if isinstance(err, _MissingBucket):
-                return Classified(ErrorKind.NOT_FOUND, f"bucket {err.bucket!r} does not exist",
-                                  "create the bucket or fix its name")
+                return err.verdict()
             if isinstance(err, bx.ClientError):
                 code = self._code(err) or ""
                 status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -248,12 +248,6 @@ class S3Backend(Backend):
                 kind = ErrorKind.TIMEOUT if isinstance(err, TimeoutError) else ErrorKind.CONNECTION
                 return Classified(kind, str(err))
         return None
-
-
-class _MissingBucket(Exception):
-    def __init__(self, bucket: str):
-        super().__init__(f"bucket {bucket!r} does not exist")
-        self.bucket = bucket
 
 
 class S3Strategy(LotStrategy):
