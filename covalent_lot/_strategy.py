@@ -30,6 +30,7 @@ STRATEGIES: dict[str, str] = {
     "s3": "covalent_lot.strategies.s3:S3Strategy",
     "gs": "covalent_lot.strategies.gcs:GCSStrategy",
     "az": "covalent_lot.strategies.azure:AzureStrategy",
+    "sftp": "covalent_lot.strategies.sftp:SFTPStrategy",
 }
 
 

@@ -184,7 +184,7 @@ def test_missing_object(kit, strategy, bucket, tmp_path):
         strategy.get(kit.uri(bucket, "no-folder/"), str(tmp_path / "nf"))
 
 
-def test_wrong_credentials(kit, strategy, bucket, tmp_path, monkeypatch):
+def test_wrong_credentials(kit, bucket, tmp_path, monkeypatch):
     if not kit.enforces_credentials:
         pytest.skip(f"the {kit.name} emulator accepts any credentials")
     source = tmp_path / "w.bin"
@@ -194,6 +194,9 @@ def test_wrong_credentials(kit, strategy, bucket, tmp_path, monkeypatch):
             monkeypatch.delenv(key, raising=False)
         else:
             monkeypatch.setenv(key, value)
+    # Built after the change: options resolve on the client, credentials by
+    # reference on the executor (here the same process).
+    strategy = kit.strategy(max_attempts=2, base_delay=0.05)
     with pytest.raises(PermissionError) as info:
         strategy.put(str(source), kit.uri(bucket, "w.bin"))
     for value in kit.wrong_credentials().values():

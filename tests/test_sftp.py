@@ -1,0 +1,252 @@
+"""The SFTP adapter without a server: options, URIs, the error table, no shell, no secrets."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import socket
+import sys
+
+import cloudpickle
+import paramiko
+import pytest
+
+from covalent_lot._errors import ErrorKind, translate
+from covalent_lot._uri import StoreURI, parse_uri
+
+KEY_PATH = "/secret/place/lot-unit-fake-key-id_ed25519"
+
+
+@pytest.fixture(autouse=True)
+def no_sftp_env(monkeypatch):
+    for name in ("COVALENT_LOT_SFTP_KEY_FILENAME", "COVALENT_LOT_SFTP_KNOWN_HOSTS",
+                 "COVALENT_LOT_SFTP_USERNAME", "COVALENT_LOT_SFTP_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def sftp():
+    from covalent_lot.strategies import sftp
+
+    return sftp
+
+
+@pytest.fixture
+def backend(sftp):
+    backend = sftp.SFTPBackend(sftp.SFTPStrategy().settings)
+    yield backend
+    backend.close()
+
+
+# --- options -----------------------------------------------------------------------------------
+
+def test_constructible_with_zero_arguments(sftp):
+    settings = sftp.SFTPStrategy().settings
+    assert settings["port"] == 22
+    assert settings["allow_agent"] is True
+    assert settings["insecure_skip_host_key_check"] is False
+    assert settings["key_filename"] is None and settings["known_hosts"] is None
+    assert settings["max_concurrency"] >= 1
+
+
+def test_registered_for_the_sftp_scheme(sftp):
+    import covalent_lot
+
+    assert isinstance(covalent_lot.strategy_for("sftp://h/x"), sftp.SFTPStrategy)
+
+
+def test_explicit_false_and_zero_like_values_are_kept(sftp):
+    s = sftp.SFTPStrategy(allow_agent=False, port=2222, max_concurrency=1)
+    assert s.settings["allow_agent"] is False and s.settings["port"] == 2222
+    assert s.settings["max_concurrency"] == 1
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"port": 0}, "port"),
+    ({"max_concurrency": 0}, "max_concurrency"),
+    ({"chunk_size": -1}, "chunk_size"),
+    ({"request_size": "1KiB"}, "request_size"),
+    ({"connect_timeout": 0}, "connect_timeout"),
+    ({"allow_agent": "maybe"}, "allow_agent"),
+])
+def test_bad_options(sftp, options, match):
+    with pytest.raises(ValueError, match=match):
+        sftp.SFTPStrategy(**options)
+
+
+def test_unknown_option_is_a_type_error(sftp):
+    with pytest.raises(TypeError, match="key_filename"):
+        sftp.SFTPStrategy(key_file="x")
+
+
+def test_env_and_conf_precedence(sftp, monkeypatch, covalent_conf):
+    covalent_conf({"sftp": {"port": 2200, "username": "conf"}})
+    monkeypatch.setenv("COVALENT_LOT_SFTP_PORT", "2201")
+    s = sftp.SFTPStrategy(username="arg")
+    assert s.settings["port"] == 2201 and s.settings["username"] == "arg"
+
+
+def test_size_options_take_units(sftp):
+    s = sftp.SFTPStrategy(chunk_size="16MiB", request_size="128KiB")
+    assert s.settings["chunk_size"] == 16 * 1024 * 1024
+    assert s.settings["request_size"] == 128 * 1024
+
+
+# --- URIs ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("uri, user, host, port, path", [
+    ("sftp://user@host:2222/abs/path", "user", "host", 2222, "/abs/path"),
+    ("sftp://host/data/x.npy", None, "host", 22, "/data/x.npy"),
+    ("sftp://alice@login.hpc.example.org/scratch/a b/c.bin", "alice", "login.hpc.example.org", 22,
+     "/scratch/a b/c.bin"),
+    ("sftp://bob@[::1]:2022/tmp/x", "bob", "::1", 2022, "/tmp/x"),
+    ("sftp://10.0.0.5:22/x", None, "10.0.0.5", 22, "/x"),
+])
+def test_uri_to_user_host_port_path(sftp, uri, user, host, port, path):
+    location = parse_uri(uri, schemes=("sftp",))
+    assert sftp.split_authority(location.bucket) == (user, host, port)
+    assert sftp.remote_path(location) == path
+
+
+def test_default_port_comes_from_the_option(sftp):
+    assert sftp.split_authority("h", default_port=2200) == (None, "h", 2200)
+    assert sftp.split_authority("h:2201", default_port=2200) == (None, "h", 2201)
+
+
+@pytest.mark.parametrize("authority", ["h:0", "h:99999", "h:port", "user@"])
+def test_bad_authority(sftp, authority):
+    with pytest.raises(ValueError):
+        sftp.SFTPStrategy().parse(f"sftp://{authority}/x")
+
+
+def test_folder_uri_and_root(sftp):
+    location = sftp.SFTPStrategy().parse("sftp://h/data/run/")
+    assert location.is_folder and sftp.remote_path(location) == "/data/run/"
+    assert sftp.remote_path(StoreURI("sftp", "h", "")) == "/"
+
+
+def test_parse_restricts_the_scheme(sftp):
+    with pytest.raises(ValueError, match="scheme"):
+        sftp.SFTPStrategy().parse("s3://bucket/k")
+
+
+def test_endpoint_names_user_host_port(sftp, backend):
+    backend._authority = "u@example.org:2022"
+    assert backend.endpoint == "sftp://u@example.org:2022"
+
+
+def test_one_backend_talks_to_one_server(sftp, backend, monkeypatch):
+    monkeypatch.setattr(type(backend), "client", property(lambda self: None))
+    backend._authority = "a@h1"
+    with pytest.raises(ValueError, match="one server"):
+        backend._conn(StoreURI("sftp", "a@h2", "x"))
+
+
+def test_sidecar_and_partial_names(sftp):
+    assert sftp.sidecar_path("/d/x.bin") == "/d/x.bin.lot-sha256"
+    partial = sftp._partial_path("/d/x.bin")
+    assert partial.startswith("/d/.x.bin.lot-partial-")
+
+
+# --- the error table -----------------------------------------------------------------------------
+
+def _refused():
+    return paramiko.ssh_exception.NoValidConnectionsError({("127.0.0.1", 22): ConnectionRefusedError(111, "refused")})
+
+
+def _host_key_changed():
+    class FakeKey:
+        def get_base64(self):
+            return "AAAA"
+
+        def get_name(self):
+            return "ssh-ed25519"
+
+        @property
+        def fingerprint(self):
+            return "SHA256:x"
+    return paramiko.BadHostKeyException("h", FakeKey(), FakeKey())
+
+
+@pytest.mark.parametrize("make, kind, builtin", [
+    (lambda: paramiko.AuthenticationException("Authentication failed."), ErrorKind.DENIED, PermissionError),
+    (lambda: paramiko.BadAuthenticationType("bad", ["password"]), ErrorKind.DENIED, PermissionError),
+    (_host_key_changed, ErrorKind.DENIED, PermissionError),
+    (lambda: paramiko.SSHException("Server '[h]:22' not found in known_hosts"), ErrorKind.DENIED,
+     PermissionError),
+    (lambda: paramiko.SSHException("No authentication methods available"), ErrorKind.DENIED, PermissionError),
+    (_refused, ErrorKind.CONNECTION, ConnectionError),
+    (lambda: socket.timeout("timed out"), ErrorKind.TIMEOUT, TimeoutError),
+    (lambda: TimeoutError("timed out"), ErrorKind.TIMEOUT, TimeoutError),
+    (lambda: paramiko.SSHException("Error reading SSH protocol banner"), ErrorKind.TIMEOUT, TimeoutError),
+    (lambda: paramiko.SSHException("Server connection dropped: "), ErrorKind.CONNECTION, ConnectionError),
+    (lambda: EOFError(), ErrorKind.CONNECTION, ConnectionError),
+    (lambda: ConnectionResetError(104, "reset"), ErrorKind.CONNECTION, ConnectionError),
+    (lambda: FileNotFoundError(2, "No such file"), ErrorKind.NOT_FOUND, FileNotFoundError),
+    (lambda: PermissionError(13, "Permission denied"), ErrorKind.DENIED, PermissionError),
+    (lambda: OSError("Failure"), ErrorKind.OTHER, OSError),
+])
+def test_classify_table(sftp, backend, make, kind, builtin):
+    verdict = backend.classify(make())
+    assert verdict is not None and verdict.kind is kind
+    backend._authority = "u@h:2022"
+    err = translate(verdict, action="read", target="sftp://u@h:2022/x", endpoint=backend.endpoint)
+    assert isinstance(err, builtin)
+
+
+def test_host_key_errors_say_how_to_trust(sftp, backend):
+    err = sftp.HostKeyError("host key of [h]:2022 is unknown", "ssh-keyscan -p 2022 h >> ~/.ssh/known_hosts")
+    verdict = backend.classify(err)
+    assert verdict.kind is ErrorKind.DENIED and "ssh-keyscan -p 2022 h" in verdict.hint
+
+
+def test_missing_directory_names_it(sftp, backend):
+    verdict = backend.classify(sftp._MissingDirectory("no-such-bucket-lot", "/data"))
+    assert verdict.kind is ErrorKind.NOT_FOUND
+    assert "'no-such-bucket-lot' does not exist" in verdict.detail
+
+
+def test_checksum_mismatch_is_the_engines(sftp, backend):
+    from covalent_lot import ChecksumMismatchError
+
+    assert backend.classify(ChecksumMismatchError("x")) is None
+
+
+def test_foreign_errors_are_not_classified(backend):
+    assert backend.classify(KeyError("x")) is None
+
+
+# --- security: no shell, no auto-trust, nothing secret pickled -------------------------------------
+
+def test_no_autoadd_and_no_subprocess_in_the_module(sftp):
+    source = inspect.getsource(sftp)
+    code = re.sub(r'""".*?"""', "", source, flags=re.S)  # docstrings may mention what is avoided
+    code = re.sub(r"#.*", "", code)
+    for banned in ("AutoAddPolicy", "WarningPolicy", "subprocess", "exec_command", "invoke_shell",
+                   "os.system", "shell=True", "save_host_keys"):
+        assert banned not in code, banned
+
+
+def test_insecure_option_never_saves_keys(sftp):
+    policy = sftp._InsecureAcceptPolicy()
+    assert policy.missing_host_key(None, "h", type("K", (), {"get_name": lambda s: "t",
+                                                              "fingerprint": "f"})()) is None
+
+
+def test_pickled_transfer_call_carries_no_secret(sftp, monkeypatch):
+    monkeypatch.setenv("SSH_AUTH_SOCK", "/tmp/lot-unit-agent-socket-xyz")
+    s = sftp.SFTPStrategy(key_filename=KEY_PATH)
+    call = s._call("download", "sftp://u@h/x", "/tmp/x")
+    blob = cloudpickle.dumps(call)
+    assert b"lot-unit-agent-socket-xyz" not in blob
+    assert b"PRIVATE KEY" not in blob
+    # The key is carried by reference (its path), never its content.
+    assert KEY_PATH.encode() in blob
+
+
+def test_import_error_names_the_extra(monkeypatch):
+    from covalent_lot.strategies import sftp
+
+    monkeypatch.setitem(sys.modules, "paramiko", None)
+    with pytest.raises(ImportError, match=r"pip install covalent-lot\[sftp\]"):
+        sftp.SFTPStrategy()
