@@ -8,6 +8,7 @@ mapping, checksums, atomic local writes, retries, the error table, stats.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import posixpath
@@ -71,6 +72,10 @@ class Backend(ABC):
     """Primitives one storage service must provide. Built on the executor."""
 
     scheme: str = ""
+    # True when the backend stores the checksum after the bytes (an SFTP
+    # sidecar): the engine then hashes the file while the upload runs and
+    # hands put_file a callable that waits for the digest.
+    checksum_after_upload: bool = False
 
     def __init__(self, settings: Mapping[str, Any]):
         self.settings = settings
@@ -112,10 +117,14 @@ class Backend(ABC):
         """Every object below a folder URI, all pages."""
 
     @abstractmethod
-    def put_file(self, local_path: str, location: StoreURI, size: int, sha256: str | None) -> None:
-        """Stream a local file to ``location`` with ``sha256`` stored as metadata.
+    def put_file(self, local_path: str, location: StoreURI, size: int,
+                 sha256: str | Callable[[], str] | None) -> None:
+        """Stream a local file to ``location`` with ``sha256`` stored with it.
 
-        Must never leave a partial object visible under ``location``.
+        ``sha256`` is the hex digest, or (for ``checksum_after_upload``
+        backends) a callable returning it once the concurrent hash is done,
+        or None when checksums are off. Must never leave a partial object
+        visible under ``location``.
         """
 
     @abstractmethod
@@ -234,15 +243,28 @@ class Engine:
 
     def _upload_one(self, path: str, destination: StoreURI, stats: TransferStats) -> None:
         before = os.stat(path)
-        # Object stores take metadata when an upload starts, so the checksum is
-        # computed in one streaming pass first; a copy afterwards to attach it
-        # would cost more than the pass (see README, "Integrity").
-        sha256 = sha256_file(path)[0] if self.verify else None
-        self._guard(
-            "upload to", str(destination),
-            lambda: self.backend.put_file(path, destination, before.st_size, sha256),
-            stats,
-        )
+        hashing = None
+        if not self.verify:
+            sha256 = None
+        elif self.backend.checksum_after_upload:
+            # The digest is needed only after the bytes: hash alongside the upload.
+            hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="covalent-lot-sha256")
+            future = hashing.submit(sha256_file, path)
+            sha256 = lambda: future.result()[0]  # noqa: E731
+        else:
+            # Object stores take metadata when an upload starts, so the checksum
+            # is computed in one streaming pass first; a copy afterwards to attach
+            # it would cost more than the pass (see README, "Integrity").
+            sha256 = sha256_file(path)[0]
+        try:
+            self._guard(
+                "upload to", str(destination),
+                lambda: self.backend.put_file(path, destination, before.st_size, sha256),
+                stats,
+            )
+        finally:
+            if hashing is not None:
+                hashing.shutdown(wait=True)
         after = os.stat(path)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             self._guard("remove", str(destination), lambda: self.backend.delete(destination), stats)

@@ -223,6 +223,8 @@ def _status_error(sftp, msg) -> None:
 
 class SFTPBackend(Backend):
     scheme = "sftp"
+    # The checksum goes into a sidecar after the bytes: hash while uploading.
+    checksum_after_upload = True
 
     def __init__(self, settings: Mapping[str, Any]):
         super().__init__(settings)
@@ -473,7 +475,7 @@ class SFTPBackend(Backend):
             with open(local_path, "rb") as f:
                 self._parallel(conn, partial, size, upload_fd=f.fileno())
             if sha256 is not None:
-                self._write_sidecar(conn, path, sha256)
+                self._write_sidecar(conn, path, sha256() if callable(sha256) else sha256)
             else:
                 self._remove_quietly(sftp, sidecar_path(path))  # never a stale checksum
             self._rename(conn, partial, path)
