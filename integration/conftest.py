@@ -70,7 +70,7 @@ KIT_CLASSES = {
 
 
 # Programs a backend's server needs that `make install` cannot provide (no root).
-REQUIRED_TOOLS = {"sftp": ("sshd",)}
+REQUIRED_TOOLS = {"sftp": ("sshd", "ssh-keygen")}
 _TOOL_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
 
 
