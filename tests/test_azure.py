@@ -16,6 +16,8 @@ from covalent_lot._uri import StoreURI
 
 from .test_public import run_python
 
+from .lot_fakes import EXPECTED_TYPE
+
 MiB = 1024 * 1024
 URL = "http://127.0.0.1:9/devstoreaccount1"
 TARGET = "az://cont/runs/x.npy"
@@ -35,17 +37,6 @@ SECRETS = {
 }
 SECRET_MARKS = [FAKE_KEY, "LotUnitFakeSasSignature", FAKE_CONNECTION_STRING]
 
-EXPECTED_TYPE = {
-    ErrorKind.NOT_FOUND: FileNotFoundError,
-    ErrorKind.DENIED: PermissionError,
-    ErrorKind.EXISTS: FileExistsError,
-    ErrorKind.TIMEOUT: TimeoutError,
-    ErrorKind.CONNECTION: ConnectionError,
-    ErrorKind.THROTTLED: OSError,
-    ErrorKind.SERVER: OSError,
-    ErrorKind.INVALID: ValueError,
-    ErrorKind.OTHER: OSError,
-}
 
 
 @pytest.fixture(autouse=True)

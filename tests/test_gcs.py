@@ -20,21 +20,12 @@ from covalent_lot._errors import TRANSIENT, ErrorKind, translate
 from covalent_lot._retry import RetryPolicy
 from covalent_lot._uri import StoreURI
 
+from .lot_fakes import EXPECTED_TYPE
+
 ENDPOINT = "http://127.0.0.1:9"
 KiB = 1024
 MiB = 1024 * KiB
 
-EXPECTED_TYPE = {
-    ErrorKind.NOT_FOUND: FileNotFoundError,
-    ErrorKind.DENIED: PermissionError,
-    ErrorKind.EXISTS: FileExistsError,
-    ErrorKind.TIMEOUT: TimeoutError,
-    ErrorKind.CONNECTION: ConnectionError,
-    ErrorKind.THROTTLED: OSError,
-    ErrorKind.SERVER: OSError,
-    ErrorKind.INVALID: ValueError,
-    ErrorKind.OTHER: OSError,
-}
 
 
 @pytest.fixture(scope="module")

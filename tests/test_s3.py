@@ -9,6 +9,8 @@ from covalent_lot._engine import Engine, TransferStats
 from covalent_lot._errors import EXCEPTION_FOR, TRANSIENT, Classified, ErrorKind, translate
 from covalent_lot._retry import RetryPolicy
 
+from .lot_fakes import EXPECTED_TYPE
+
 ENDPOINT = "http://127.0.0.1:9"
 
 
@@ -111,17 +113,6 @@ CLIENT_CASES = [
     ("MalformedXML", 400, ErrorKind.OTHER),
 ]
 
-EXPECTED_TYPE = {
-    ErrorKind.NOT_FOUND: FileNotFoundError,
-    ErrorKind.DENIED: PermissionError,
-    ErrorKind.EXISTS: FileExistsError,
-    ErrorKind.TIMEOUT: TimeoutError,
-    ErrorKind.CONNECTION: ConnectionError,
-    ErrorKind.THROTTLED: OSError,
-    ErrorKind.SERVER: OSError,
-    ErrorKind.INVALID: ValueError,
-    ErrorKind.OTHER: OSError,
-}
 TRANSIENT_KINDS = {ErrorKind.TIMEOUT, ErrorKind.CONNECTION, ErrorKind.THROTTLED, ErrorKind.SERVER}
 
 
