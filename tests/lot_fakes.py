@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
@@ -164,3 +168,43 @@ class MemoryBackend(Backend):
 
     def close(self) -> None:
         self.closed = True
+
+
+def counting(*outcomes):
+    """A callable that raises/returns ``outcomes`` in turn; ``.calls`` counts calls."""
+
+    def fn():
+        outcome = outcomes[min(fn.calls, len(outcomes) - 1)]
+        fn.calls += 1
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    fn.calls = 0
+    return fn
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with this test session's environment
+    (conftest's private HOME and COVALENT_* paths)."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ),
+    )
+
+
+def import_error_without(sdk_module: str, statement: str) -> str:
+    """The ImportError message ``statement`` raises when ``sdk_module`` cannot be imported."""
+    result = run_python(f"""
+        import sys
+        sys.modules[{sdk_module!r}] = None  # makes the import raise ImportError
+        try:
+            {statement}
+        except ImportError as exc:
+            print("IMPORT-ERROR:", exc)
+        else:
+            print("NO ERROR")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "IMPORT-ERROR:" in result.stdout, result.stdout
+    return result.stdout

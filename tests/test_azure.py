@@ -14,9 +14,8 @@ from covalent_lot._errors import TRANSIENT, ErrorKind, translate
 from covalent_lot._retry import RetryPolicy
 from covalent_lot._uri import StoreURI
 
-from .test_public import run_python
 
-from .lot_fakes import EXPECTED_TYPE
+from .lot_fakes import EXPECTED_TYPE, counting, import_error_without, run_python
 
 MiB = 1024 * 1024
 URL = "http://127.0.0.1:9/devstoreaccount1"
@@ -625,18 +624,6 @@ def test_checksum_mismatch_is_not_classified(backend):
 
 # --- Engine._guard with the Azure table ------------------------------------------------------------
 
-def counting(*outcomes):
-    def fn():
-        outcome = outcomes[min(fn.calls, len(outcomes) - 1)]
-        fn.calls += 1
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
-
-    fn.calls = 0
-    return fn
-
-
 @pytest.mark.parametrize(
     "cls, status, code, kind",
     [c for c in RESPONSE_CASES if c[3] not in TRANSIENT],
@@ -725,19 +712,7 @@ def test_decorated_electron_carries_no_secrets(secret_env):
     ],
 )
 def test_missing_sdk_says_how_to_install(statement):
-    result = run_python(f"""
-        import sys
-        sys.modules["azure.storage.blob"] = None  # makes the import raise ImportError
-        try:
-            {statement}
-        except ImportError as exc:
-            print("IMPORT-ERROR:", exc)
-        else:
-            print("NO ERROR")
-    """)
-    assert result.returncode == 0, result.stderr
-    assert "IMPORT-ERROR:" in result.stdout, result.stdout
-    assert "pip install covalent-lot[azure]" in result.stdout
+    assert "pip install covalent-lot[azure]" in import_error_without("azure.storage.blob", statement)
 
 
 def test_module_import_needs_no_sdk():

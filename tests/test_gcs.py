@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import textwrap
 
 import cloudpickle
 import pytest
@@ -20,7 +17,7 @@ from covalent_lot._errors import TRANSIENT, ErrorKind, translate
 from covalent_lot._retry import RetryPolicy
 from covalent_lot._uri import StoreURI
 
-from .lot_fakes import EXPECTED_TYPE
+from .lot_fakes import EXPECTED_TYPE, import_error_without, run_python
 
 ENDPOINT = "http://127.0.0.1:9"
 KiB = 1024
@@ -461,27 +458,12 @@ def test_pickled_transfer_call_carries_the_path_not_the_key(gcs, tmp_path, monke
     ],
 )
 def test_missing_sdk_says_how_to_install(statement):
-    code = textwrap.dedent(f"""
-        import sys
-        sys.modules["google.cloud.storage"] = None  # makes the import raise ImportError
-        try:
-            {statement}
-        except ImportError as exc:
-            print("IMPORT-ERROR:", exc)
-        else:
-            print("NO ERROR")
-    """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, env=dict(os.environ))
-    assert result.returncode == 0, result.stderr
-    assert "IMPORT-ERROR:" in result.stdout, result.stdout
-    assert "pip install covalent-lot[gcs]" in result.stdout
+    assert "pip install covalent-lot[gcs]" in import_error_without("google.cloud.storage", statement)
 
 
 def test_module_import_does_not_import_the_sdk():
     code = ("import sys, covalent_lot.strategies.gcs; "
             "print('google.cloud.storage' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, env=dict(os.environ))
+    result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"

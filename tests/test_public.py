@@ -6,11 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 import covalent_lot as lot
+
+from .lot_fakes import import_error_without, run_python
 
 PUBLIC = [
     "ChecksumMismatchError",
@@ -30,14 +31,6 @@ HEAVY = [
     "covalent", "boto3", "botocore", "s3transfer", "google.cloud.storage", "google.cloud",
     "azure.storage.blob", "azure", "paramiko",
 ]
-
-
-def run_python(code: str) -> subprocess.CompletedProcess:
-    # The environment carries conftest's private HOME and COVALENT_* paths.
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=60, env=dict(os.environ),
-    )
 
 
 def test_all_is_pinned():
@@ -95,20 +88,9 @@ def test_import_reads_no_configuration(tmp_path):
     ],
 )
 def test_missing_boto3_says_how_to_install(statement):
-    result = run_python(f"""
-        import sys
-        sys.modules["boto3"] = None  # makes "import boto3" raise ImportError
-        try:
-            {statement}
-        except ImportError as exc:
-            print("IMPORT-ERROR:", exc)
-        else:
-            print("NO ERROR")
-    """)
-    assert result.returncode == 0, result.stderr
-    assert "IMPORT-ERROR:" in result.stdout, result.stdout
-    assert "pip install covalent-lot[s3]" in result.stdout
-    assert "boto3" in result.stdout
+    message = import_error_without("boto3", statement)
+    assert "pip install covalent-lot[s3]" in message
+    assert "boto3" in message
 
 
 def test_cli_without_a_command_prints_help(capsys):

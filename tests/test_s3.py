@@ -9,7 +9,7 @@ from covalent_lot._engine import Engine, TransferStats
 from covalent_lot._errors import EXCEPTION_FOR, TRANSIENT, Classified, ErrorKind, translate
 from covalent_lot._retry import RetryPolicy
 
-from .lot_fakes import EXPECTED_TYPE
+from .lot_fakes import EXPECTED_TYPE, counting
 
 ENDPOINT = "http://127.0.0.1:9"
 
@@ -252,20 +252,6 @@ def test_every_kind_translates_to_an_exception_subclass_of_its_type():
 @pytest.fixture
 def engine(backend):
     return Engine(backend, RetryPolicy(max_attempts=3, base_delay=0, max_delay=0))
-
-
-def counting(*outcomes):
-    """A callable that raises/returns ``outcomes`` in turn; ``.calls`` counts calls."""
-
-    def fn():
-        outcome = outcomes[min(fn.calls, len(outcomes) - 1)]
-        fn.calls += 1
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
-
-    fn.calls = 0
-    return fn
 
 
 @pytest.mark.parametrize(
