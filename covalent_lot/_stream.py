@@ -132,7 +132,12 @@ class VerifyingSink:
             before = self._ready
             while self._ready in self._covered:
                 self._ready = self._covered.pop(self._ready)
-            if self._ready > before:
+            if offset == before == self._hashed:
+                # In order with nothing left to hash (the hasher is idle): hash
+                # these bytes from memory; no flush, no re-read, no hand-off.
+                self._hash.update(view)
+                self._hashed = offset + n
+            if self._ready > self._hashed:
                 self._f.flush()  # the hasher reads the file descriptor
                 self._start_hasher()
                 self._cond.notify_all()

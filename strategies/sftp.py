@@ -22,17 +22,22 @@ object is renamed into place. Listings hide sidecars and partial files. Tools
 that do not know the convention simply see one more small file. A reader that
 races a writer of the same name may get a checksum mismatch (never wrong bytes).
 
-Speed: paramiko's ``put``/``get`` are well under OpenSSH's. Transfers here use
-one SSH transport per transfer with aes128-gcm preferred, and several SFTP
-channels on it; each channel keeps a bounded number of ranged read or write
-requests in flight (no paramiko ``prefetch``, which stalls), downloads land in
-the engine's sink with ``write_at``. Memory is bounded by
-``max_concurrency * max_requests * request_size``.
+Speed: paramiko's ``put``/``get`` are well under OpenSSH's. Two transports
+sit behind this backend (option ``transport``): paramiko (extra ``sftp``): one
+SSH transport per transfer with aes128-gcm preferred and several SFTP channels on
+it; each channel keeps a bounded number of ranged read or write requests in
+flight (no paramiko ``prefetch``, which stalls), downloads land in the engine's
+sink with ``write_at``. asyncssh (extra ``sftp-fast``, ``_sftp_asyncssh.py``):
+``max_concurrency * max_requests`` ranged requests in flight on one channel; with
+checksums on it is the one that keeps up with OpenSSH on downloads, so ``auto``
+picks it when installed. Memory is bounded by
+``max_concurrency * max_requests * request_size`` either way.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import posixpath
 import socket
@@ -50,6 +55,8 @@ from covalent_lot._stream import TEMP_MARK, VerifyingSink
 from covalent_lot._strategy import LotStrategy
 from covalent_lot._uri import StoreURI
 
+log = logging.getLogger("covalent_lot")
+
 __all__ = ["SFTPStrategy", "SFTPBackend", "OPTIONS", "SIDECAR_SUFFIX", "split_authority"]
 
 KiB = 1024
@@ -65,6 +72,8 @@ MAX_REQUEST = 255 * KiB
 WINDOW_SIZE = 16 * MiB
 CHANNEL_MAX_PACKET = 256 * KiB
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+TRANSPORTS = ("auto", "paramiko", "asyncssh")
 
 OPTIONS: dict[str, Option] = {
     "username": Option("str", None, "login name (default: the user in the URI, else the local user)"),
@@ -94,7 +103,26 @@ OPTIONS: dict[str, Option] = {
     ),
     "request_size": Option("size", 255 * KiB, "bytes per SFTP read/write request (max 255 KiB)", 4 * KiB),
     "max_requests": Option("int", 32, "requests in flight per channel", 1),
+    "transport": Option(
+        "str", "auto",
+        "SSH library: paramiko, asyncssh (faster; extra sftp-fast) or auto (asyncssh when installed)",
+        choices=TRANSPORTS,
+    ),
 }
+
+
+def _use_asyncssh(transport: str) -> bool:
+    if transport == "paramiko":
+        return False
+    try:
+        import asyncssh  # noqa: F401
+    except ImportError as exc:
+        if transport == "asyncssh":
+            raise ImportError(
+                "[lot.sftp] transport = asyncssh needs the asyncssh module: pip install covalent-lot[sftp-fast]"
+            ) from exc
+        return False
+    return True
 
 
 def split_authority(authority: str, default_port: int = 22) -> tuple[str | None, str, int]:
@@ -164,7 +192,12 @@ class _Replies:
 
 
 class _Connection:
-    """One SSH transport, its SFTP channels, and what was learned on it."""
+    """paramiko: one SSH transport, its SFTP channels, and what was learned on it.
+
+    The backend uses ``primary`` (an SFTP client: stat, listdir_attr, open, mkdir,
+    remove, rename, posix_rename), ``transfer``, ``copy``, ``active`` and ``close``;
+    the asyncssh transport offers the same.
+    """
 
     def __init__(self, ssh, settings: Mapping[str, Any]):
         self.ssh = ssh
@@ -210,6 +243,141 @@ class _Connection:
         self._idle.clear()
         self.ssh.close()  # ends the transport and its thread
 
+    def copy(self, source: str, target: str, chunk: int) -> None:
+        """Copy ``source`` to the new file ``target`` on the server."""
+        sftp = self.primary
+        with sftp.open(source, "rb") as reader, sftp.open(target, "wb") as writer:
+            if self.copy_data:  # server-side copy (OpenSSH >= 9.0 'copy-data')
+                from paramiko.sftp import CMD_EXTENDED
+                from paramiko.sftp_client import int64
+
+                try:
+                    sftp._request(CMD_EXTENDED, "copy-data", reader.handle, int64(0), int64(0),
+                                  writer.handle, int64(0))
+                    return
+                except OSError as exc:
+                    if isinstance(exc, (FileNotFoundError, PermissionError)):
+                        raise
+                    self.copy_data = False  # not offered by this server
+            while True:  # relayed through this machine
+                block = reader.read(chunk)
+                if not block:
+                    break
+                writer.write(block)
+
+    # --- bulk data ----------------------------------------------------------------------
+    def transfer(self, path: str, size: int, *, sink: VerifyingSink | None = None,
+                 upload_fd: int | None = None) -> None:
+        """Move ``size`` bytes of ``path`` over several channels, ``chunk_size`` at a time."""
+        chunk = self.settings["chunk_size"]
+        blocks = max(1, -(-size // chunk))
+        workers = max(1, min(self.settings["max_concurrency"], blocks))
+        state = {"next": 0, "error": None}
+        lock = threading.Lock()
+
+        def take() -> tuple[int, int] | None:
+            with lock:
+                if state["error"] is not None or state["next"] >= size:
+                    return None
+                start = state["next"]
+                state["next"] = min(size, start + chunk)
+                return start, state["next"]
+
+        def run(first: bool) -> None:
+            sftp = self.primary if first else self.channel()
+            try:
+                self._channel_worker(sftp, path, take, sink, upload_fd)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                with lock:
+                    if state["error"] is None:
+                        state["error"] = exc
+            finally:
+                if not first and self.active:
+                    self.release(sftp)
+
+        if size == 0:
+            return
+        threads = [threading.Thread(target=run, args=(False,), name=f"covalent-lot-sftp-{i}", daemon=True)
+                   for i in range(1, workers)]
+        for thread in threads:
+            thread.start()
+        try:
+            run(True)
+        finally:
+            for thread in threads:
+                thread.join()
+        error = state["error"]
+        if error is not None:
+            if not isinstance(error, OSError) or isinstance(error, (socket.timeout, ConnectionError)):
+                # A timeout or a dropped channel can leave a reply half read: never
+                # reuse this transport; the engine's retry opens a fresh one.
+                self.transport.close()
+            raise error
+
+    def _channel_worker(self, sftp, path, take, sink, upload_fd) -> None:
+        from paramiko.sftp import CMD_DATA, CMD_READ, CMD_STATUS, CMD_WRITE
+        from paramiko.sftp_client import int64
+
+        request = min(self.settings["request_size"], MAX_REQUEST)
+        depth = self.settings["max_requests"]
+        replies = _Replies()
+        inflight: deque = deque()  # (num, offset, length)
+        ranges: deque = deque()  # (offset, end) still to request
+        with sftp.open(path, "rb" if sink is not None else "r+b") as handle_file:
+            handle = handle_file.handle
+            while True:
+                while len(inflight) < depth:
+                    if not ranges:
+                        block = take()
+                        if block is None:
+                            break
+                        ranges.append(block)
+                    offset, end = ranges.popleft()
+                    length = min(request, end - offset)
+                    if offset + length < end:
+                        ranges.appendleft((offset + length, end))
+                    if sink is not None:
+                        num = sftp._async_request(replies, CMD_READ, handle, int64(offset), length)
+                    else:
+                        data = os.pread(upload_fd, length, offset)
+                        if len(data) != length:
+                            raise OSError(f"upload source shrank while it was read (at {offset})")
+                        num = sftp._async_request(replies, CMD_WRITE, handle, int64(offset), data)
+                    inflight.append((num, offset, length))
+                if not inflight:
+                    return
+                num, offset, length = inflight.popleft()
+                while num not in replies.done:
+                    sftp._read_response()
+                t, msg = replies.done.pop(num)
+                if sink is None:
+                    if t != CMD_STATUS:
+                        raise OSError(f"unexpected SFTP reply {t} to a write of {path}")
+                    _status_error(sftp, msg)
+                    continue
+                if t == CMD_DATA:
+                    data = msg.get_string()
+                    if not data:
+                        raise OSError(f"{path} returned no data at {offset}: it shrank while read")
+                    sink.write_at(offset, data)
+                    if len(data) < length:  # short read: ask for the rest
+                        ranges.appendleft((offset + len(data), offset + length))
+                elif t == CMD_STATUS:
+                    try:
+                        _status_error(sftp, msg)
+                    except EOFError:
+                        raise OSError(f"{path} ended at {offset}, before its size: it shrank while read")
+                    raise OSError(f"unexpected SFTP status for a read of {path}")
+                else:
+                    raise OSError(f"unexpected SFTP reply {t} to a read of {path}")
+
+
+def _cipher_order() -> list[str]:
+    from asyncssh.encryption import get_default_encryption_algs
+
+    others = [a.decode() for a in get_default_encryption_algs()]
+    return list(PREFERRED_CIPHERS) + [a for a in others if a not in PREFERRED_CIPHERS]
+
 
 def _security(transport) -> None:
     options = transport.get_security_options()
@@ -229,7 +397,6 @@ class SFTPBackend(Backend):
     def __init__(self, settings: Mapping[str, Any]):
         super().__init__(settings)
         self._authority: str | None = None
-        self._request = min(settings["request_size"], MAX_REQUEST)
 
     # --- connection ---------------------------------------------------------------------
     def _target(self) -> tuple[str | None, str, int]:
@@ -238,35 +405,102 @@ class SFTPBackend(Backend):
         user, host, port = split_authority(self._authority, self.settings["port"])
         return user or self.settings["username"], host, port
 
-    def connect(self) -> _Connection:
-        import paramiko
-
+    def connect(self):
         settings = self.settings
         user, host, port = self._target()
-        ssh = paramiko.SSHClient()
-        if settings["insecure_skip_host_key_check"]:
-            ssh.set_missing_host_key_policy(_InsecureAcceptPolicy())
-        else:
-            try:
-                ssh.load_system_host_keys()
-            except OSError:
-                pass
+        known_files: list[str] = []
+        if not settings["insecure_skip_host_key_check"]:
+            if os.path.exists(SYSTEM_KNOWN_HOSTS):
+                known_files.append(SYSTEM_KNOWN_HOSTS)
             known = settings["known_hosts"]
             path = os.path.expanduser(known if known is not None else "~/.ssh/known_hosts")
             if os.path.exists(path):
-                ssh.load_host_keys(path)  # never saved back: load_host_keys + no save
+                known_files.append(path)
             elif known is not None:
                 raise HostKeyError(
                     f"known_hosts file {known!r} does not exist on the executor",
-                    "point [lot.sftp] known_hosts at an existing file",
+                    "point [lot.sftp] key known_hosts at an existing file",
                 )
-            ssh.set_missing_host_key_policy(paramiko.RejectPolicy())
         # A path on the machine that connects; only the path travels.
         key_filename = settings["key_filename"]
         if key_filename is not None:
             key_filename = os.path.expanduser(key_filename)
             if not os.path.exists(key_filename):
+                import paramiko
+
                 raise paramiko.AuthenticationException("key_filename does not exist on the executor")
+        if _use_asyncssh(settings["transport"]):
+            return self._connect_asyncssh(user, host, port, known_files, key_filename)
+        return self._connect_paramiko(user, host, port, known_files, key_filename)
+
+    def _host_key_error(self, host: str, port: int, known_files: list[str], *,
+                        presented: str = "", changed: bool = False) -> HostKeyError:
+        """Unknown or CHANGED: decided by whether known_hosts names the host at all."""
+        import paramiko
+
+        label = _host_label(host, port)
+        listed = changed
+        for path in known_files:
+            try:
+                listed = listed or paramiko.HostKeys(path).lookup(label) is not None
+            except (OSError, paramiko.SSHException):
+                pass
+        if listed:
+            return HostKeyError(
+                f"host key of {label} CHANGED: it is not the one in known_hosts{presented}",
+                "if the server was legitimately re-keyed, remove the old line "
+                f"(ssh-keygen -R '{label}') and add the new one "
+                f"(ssh-keyscan -p {port} {host} >> ~/.ssh/known_hosts), after checking its fingerprint",
+            )
+        return HostKeyError(
+            f"host key of {label} is unknown (not in known_hosts)",
+            f"trust it once, after checking its fingerprint: ssh-keyscan -p {port} {host} "
+            ">> ~/.ssh/known_hosts (or set [lot.sftp] known_hosts to a file holding it)",
+        )
+
+    def _connect_asyncssh(self, user, host, port, known_files, key_filename):
+        import asyncssh
+
+        from covalent_lot.strategies._sftp_asyncssh import AsyncsshConnection
+
+        settings = self.settings
+        if settings["insecure_skip_host_key_check"]:
+            log.warning("SFTP host key of %s NOT VERIFIED (insecure_skip_host_key_check is on)",
+                        _host_label(host, port))
+        kwargs: dict[str, Any] = {
+            "host": host, "port": port, "username": user or None,
+            # None switches verification off; an empty set of known hosts trusts nothing.
+            "known_hosts": None if settings["insecure_skip_host_key_check"] else (
+                asyncssh.read_known_hosts(known_files) if known_files else asyncssh.import_known_hosts("")),
+            "encryption_algs": _cipher_order(),
+            "connect_timeout": settings["connect_timeout"] + settings["banner_timeout"] + settings["auth_timeout"],
+            "config": None,  # like paramiko here: no ~/.ssh/config
+        }
+        if user is None:
+            kwargs.pop("username")
+        if key_filename is not None:
+            kwargs["client_keys"] = [key_filename]
+        if not settings["allow_agent"]:
+            kwargs["agent_path"] = None
+        try:
+            return AsyncsshConnection(settings, kwargs)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise self._host_key_error(host, port, known_files) from exc
+
+    def _connect_paramiko(self, user, host, port, known_files, key_filename) -> _Connection:
+        import paramiko
+
+        settings = self.settings
+        ssh = paramiko.SSHClient()
+        if settings["insecure_skip_host_key_check"]:
+            ssh.set_missing_host_key_policy(_InsecureAcceptPolicy())
+        else:
+            for path in known_files:
+                try:
+                    ssh.load_host_keys(path)  # never saved back: load_host_keys + no save
+                except OSError:
+                    pass
+            ssh.set_missing_host_key_policy(paramiko.RejectPolicy())
 
         def transport_factory(sock, **kwargs):
             transport = paramiko.Transport(
@@ -289,21 +523,12 @@ class SFTPBackend(Backend):
             )
         except paramiko.BadHostKeyException as exc:
             ssh.close()
-            raise HostKeyError(
-                f"host key of {_host_label(host, port)} CHANGED: it is not the one in known_hosts "
-                f"({exc.key.get_name()} {exc.key.fingerprint})",
-                "if the server was legitimately re-keyed, remove the old line "
-                f"(ssh-keygen -R '{_host_label(host, port)}') and add the new one "
-                f"(ssh-keyscan -p {port} {host} >> ~/.ssh/known_hosts), after checking its fingerprint",
-            ) from exc
+            raise self._host_key_error(host, port, known_files, changed=True,
+                                       presented=f" ({exc.key.get_name()} {exc.key.fingerprint})") from exc
         except paramiko.SSHException as exc:
             ssh.close()
             if "not found in known_hosts" in str(exc):
-                raise HostKeyError(
-                    f"host key of {_host_label(host, port)} is unknown (not in known_hosts)",
-                    f"trust it once, after checking its fingerprint: ssh-keyscan -p {port} {host} "
-                    ">> ~/.ssh/known_hosts (or set [lot.sftp] known_hosts to a file holding it)",
-                ) from exc
+                raise self._host_key_error(host, port, known_files) from exc
             raise
         except BaseException:
             ssh.close()
@@ -473,7 +698,7 @@ class SFTPBackend(Backend):
             with sftp.open(partial, "wb"):
                 pass
             with open(local_path, "rb") as f:
-                self._parallel(conn, partial, size, upload_fd=f.fileno())
+                conn.transfer(partial, size, upload_fd=f.fileno())
             if sha256 is not None:
                 self._write_sidecar(conn, path, sha256() if callable(sha256) else sha256)
             else:
@@ -492,7 +717,7 @@ class SFTPBackend(Backend):
         except FileNotFoundError as exc:
             self._missing(conn, path, exc)
             raise
-        self._parallel(conn, path, size, sink=sink)
+        conn.transfer(path, size, sink=sink)
         return RemoteObject(obj.location, size, obj.sha256, obj.version)
 
     def copy(self, source: RemoteObject, destination: StoreURI) -> None:
@@ -503,13 +728,7 @@ class SFTPBackend(Backend):
         sftp = conn.primary
         partial = _partial_path(dst)
         try:
-            with sftp.open(src, "rb") as reader, sftp.open(partial, "wb") as writer:
-                if not self._copy_data(conn, reader, writer):
-                    while True:  # fallback: relayed through this machine
-                        block = reader.read(self.settings["chunk_size"])
-                        if not block:
-                            break
-                        writer.write(block)
+            conn.copy(src, partial, self.settings["chunk_size"])
             if source.sha256 is not None:
                 self._write_sidecar(conn, dst, source.sha256)
             else:
@@ -524,138 +743,20 @@ class SFTPBackend(Backend):
                 self._remove_quietly(sftp, partial)
             raise
 
-    def _copy_data(self, conn: _Connection, reader, writer) -> bool:
-        """Server-side copy (OpenSSH >= 9.0 'copy-data'); False if not offered."""
-        if not conn.copy_data:
-            return False
-        from paramiko.sftp import CMD_EXTENDED
-        from paramiko.sftp_client import int64
-
-        try:
-            conn.primary._request(CMD_EXTENDED, "copy-data", reader.handle, int64(0), int64(0),
-                                  writer.handle, int64(0))
-        except OSError as exc:
-            if isinstance(exc, (FileNotFoundError, PermissionError)):
-                raise
-            conn.copy_data = False
-            return False
-        return True
-
     def delete(self, location: StoreURI) -> None:
         conn = self._conn(location)
         path = remote_path(location)
         conn.primary.remove(path)
         self._remove_quietly(conn.primary, sidecar_path(path))
 
-    # --- parallel ranged transfer ---------------------------------------------------------
-    def _parallel(self, conn: _Connection, path: str, size: int, *, sink: VerifyingSink | None = None,
-                  upload_fd: int | None = None) -> None:
-        """Move ``size`` bytes of ``path`` over several channels, ``chunk_size`` at a time."""
-        chunk = self.settings["chunk_size"]
-        blocks = max(1, -(-size // chunk))
-        workers = max(1, min(self.settings["max_concurrency"], blocks))
-        state = {"next": 0, "error": None}
-        lock = threading.Lock()
-
-        def take() -> tuple[int, int] | None:
-            with lock:
-                if state["error"] is not None or state["next"] >= size:
-                    return None
-                start = state["next"]
-                state["next"] = min(size, start + chunk)
-                return start, state["next"]
-
-        def run(first: bool) -> None:
-            sftp = conn.primary if first else conn.channel()
-            try:
-                self._channel_worker(sftp, path, take, sink, upload_fd)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                with lock:
-                    if state["error"] is None:
-                        state["error"] = exc
-            finally:
-                if not first and conn.active:
-                    conn.release(sftp)
-
-        if size == 0:
-            return
-        threads = [threading.Thread(target=run, args=(False,), name=f"covalent-lot-sftp-{i}", daemon=True)
-                   for i in range(1, workers)]
-        for thread in threads:
-            thread.start()
-        try:
-            run(True)
-        finally:
-            for thread in threads:
-                thread.join()
-        error = state["error"]
-        if error is not None:
-            if not isinstance(error, OSError) or isinstance(error, (socket.timeout, ConnectionError)):
-                # A timeout or a dropped channel can leave a reply half read: never
-                # reuse this transport; the engine's retry opens a fresh one.
-                conn.transport.close()
-            raise error
-
-    def _channel_worker(self, sftp, path, take, sink, upload_fd) -> None:
-        from paramiko.sftp import CMD_DATA, CMD_READ, CMD_STATUS, CMD_WRITE
-        from paramiko.sftp_client import int64
-
-        request = self._request
-        depth = self.settings["max_requests"]
-        replies = _Replies()
-        inflight: deque = deque()  # (num, offset, length)
-        ranges: deque = deque()  # (offset, end) still to request
-        with sftp.open(path, "rb" if sink is not None else "r+b") as handle_file:
-            handle = handle_file.handle
-            while True:
-                while len(inflight) < depth:
-                    if not ranges:
-                        block = take()
-                        if block is None:
-                            break
-                        ranges.append(block)
-                    offset, end = ranges.popleft()
-                    length = min(request, end - offset)
-                    if offset + length < end:
-                        ranges.appendleft((offset + length, end))
-                    if sink is not None:
-                        num = sftp._async_request(replies, CMD_READ, handle, int64(offset), length)
-                    else:
-                        data = os.pread(upload_fd, length, offset)
-                        if len(data) != length:
-                            raise OSError(f"upload source shrank while it was read (at {offset})")
-                        num = sftp._async_request(replies, CMD_WRITE, handle, int64(offset), data)
-                    inflight.append((num, offset, length))
-                if not inflight:
-                    return
-                num, offset, length = inflight.popleft()
-                while num not in replies.done:
-                    sftp._read_response()
-                t, msg = replies.done.pop(num)
-                if sink is None:
-                    if t != CMD_STATUS:
-                        raise OSError(f"unexpected SFTP reply {t} to a write of {path}")
-                    _status_error(sftp, msg)
-                    continue
-                if t == CMD_DATA:
-                    data = msg.get_string()
-                    if not data:
-                        raise OSError(f"{path} returned no data at {offset}: it shrank while read")
-                    sink.write_at(offset, data)
-                    if len(data) < length:  # short read: ask for the rest
-                        ranges.appendleft((offset + len(data), offset + length))
-                elif t == CMD_STATUS:
-                    try:
-                        _status_error(sftp, msg)
-                    except EOFError:
-                        raise OSError(f"{path} ended at {offset}, before its size: it shrank while read")
-                    raise OSError(f"unexpected SFTP status for a read of {path}")
-                else:
-                    raise OSError(f"unexpected SFTP reply {t} to a read of {path}")
-
     # --- the error table ----------------------------------------------------------------
     def classify(self, exc: BaseException) -> Classified | None:
         import paramiko
+
+        try:
+            import asyncssh
+        except ImportError:
+            asyncssh = None
 
         for err in exception_chain(exc):
             if isinstance(err, ChecksumMismatchError):
@@ -669,6 +770,11 @@ class SFTPBackend(Backend):
                                   "check the server's fingerprint, then update known_hosts")
             if isinstance(err, paramiko.AuthenticationException):
                 return Classified(ErrorKind.DENIED, f"authentication failed: {err}", self._auth_hint())
+            if asyncssh is not None:
+                if isinstance(err, (asyncssh.PermissionDenied, asyncssh.KeyImportError)):
+                    return Classified(ErrorKind.DENIED, f"authentication failed: {err}", self._auth_hint())
+                if isinstance(err, asyncssh.Error):  # disconnects, protocol errors
+                    return Classified(ErrorKind.CONNECTION, f"{type(err).__name__}: {err}")
             if isinstance(err, paramiko.ssh_exception.NoValidConnectionsError):
                 causes = list(err.errors.values())
                 if causes and all(isinstance(c, socket.timeout) for c in causes):

@@ -1,0 +1,95 @@
+"""The SFTP transport choice (paramiko / asyncssh) and the sink's in-order hashing, no server."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import pytest
+
+from covalent_lot._stream import VerifyingSink, atomic_download
+
+from .lot_fakes import run_python
+
+asyncssh = pytest.importorskip("asyncssh")
+sftp = pytest.importorskip("covalent_lot.strategies.sftp")
+transport = pytest.importorskip("covalent_lot.strategies._sftp_asyncssh")
+
+
+# --- the sink's in-order fast path --------------------------------------------------------
+def test_in_order_writes_are_hashed_inline_without_a_thread(tmp_path):
+    blocks = [bytes([i]) * 5000 for i in range(20)]
+    with atomic_download(str(tmp_path / "out")) as (f, _):
+        sink = VerifyingSink(f)
+        for i, block in enumerate(blocks):
+            sink.write_at(i * 5000, block)
+        assert sink._thread is None
+        assert sink.hexdigest() == hashlib.sha256(b"".join(blocks)).hexdigest()
+        sink.close()
+
+
+def test_in_order_then_out_of_order_writes_still_verify(tmp_path):
+    blocks = [bytes([i]) * 5000 for i in range(8)]
+    order = [0, 1, 3, 2, 5, 4, 6, 7]
+    with atomic_download(str(tmp_path / "out")) as (f, _):
+        sink = VerifyingSink(f)
+        for i in order:
+            sink.write_at(i * 5000, blocks[i])
+        assert sink.hexdigest() == hashlib.sha256(b"".join(blocks)).hexdigest()
+        sink.close()
+
+
+# --- transport option ---------------------------------------------------------------------
+def test_transport_option_is_checked():
+    with pytest.raises(ValueError, match="transport .*must be one of auto, paramiko, asyncssh.*'ssh2'"):
+        sftp.SFTPStrategy(transport="ssh2")
+
+
+@pytest.mark.parametrize("value", ["auto", "paramiko", "asyncssh"])
+def test_transport_choices(value):
+    assert sftp.SFTPStrategy(transport=value).settings["transport"] == value
+
+
+def test_auto_uses_asyncssh_when_installed():
+    assert sftp._use_asyncssh("auto") is True
+    assert sftp._use_asyncssh("paramiko") is False
+
+
+def test_without_asyncssh_auto_falls_back_and_asyncssh_says_how_to_install():
+    result = run_python("""
+        import sys
+        sys.modules["asyncssh"] = None
+        from covalent_lot.strategies.sftp import _use_asyncssh
+        print("AUTO", _use_asyncssh("auto"))
+        try:
+            _use_asyncssh("asyncssh")
+        except ImportError as exc:
+            print("ERR", exc)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "AUTO False" in result.stdout
+    assert "pip install covalent-lot[sftp-fast]" in result.stdout
+
+
+# --- asyncssh errors as built-ins ---------------------------------------------------------
+@pytest.mark.parametrize("error, expected", [
+    (asyncssh.SFTPNoSuchFile("gone"), FileNotFoundError),
+    (asyncssh.SFTPPermissionDenied("no"), PermissionError),
+    (asyncssh.SFTPFailure("odd"), OSError),
+    (asyncssh.ConnectionLost("reset"), ConnectionError),
+])
+def test_asyncssh_errors_become_builtins(error, expected):
+    translated = transport._translate(error)
+    assert type(translated) is expected
+    if expected is OSError:
+        assert translated.errno is None  # a server status, like paramiko's
+
+
+def test_auth_and_host_key_errors_are_left_to_the_error_table():
+    denied = asyncssh.PermissionDenied("Permission denied")
+    assert transport._translate(denied) is denied
+    backend = sftp.SFTPBackend(sftp.SFTPStrategy().settings)
+    verdict = backend.classify(denied)
+    assert verdict is not None and verdict.kind.name == "DENIED"
+    lost = backend.classify(asyncssh.ProtocolError("garbled"))
+    assert lost is not None and lost.kind.name == "CONNECTION"
