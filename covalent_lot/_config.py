@@ -135,6 +135,7 @@ COMMON_OPTIONS: dict[str, Option] = {
         "str", None, "local folder for handoff files (default: <tempdir>/covalent-lot)"
     ),
     "verify": Option("bool", True, "store and verify sha256 checksums"),
+    "max_files": Option("int", 8, "files moved at once in a folder transfer", 1),
 }
 
 

@@ -147,6 +147,10 @@ class Backend(ABC):
     def classify(self, exc: BaseException) -> Classified | None:
         """Place an SDK exception in the error table; None if it is not the service's."""
 
+    def file_concurrency(self) -> int:
+        """How many files of a folder may move at once (the client is shared)."""
+        return int(self.settings.get("max_files", 1))
+
     def close(self) -> None:
         """Release connections."""
 
@@ -178,6 +182,46 @@ class Engine:
         self.backend = backend
         self.policy = policy
         self.verify = verify
+        self._count = threading.Lock()  # stats are updated from folder workers
+
+    def _each(self, items: list, fn: Callable[[Any], None]) -> None:
+        """``fn(item)`` for each item, several files at once (``max_files``).
+
+        After a failure no new item starts; those running finish, and the first
+        error is raised. Each file is atomic on its own, as in a sequential run.
+        """
+        workers = min(len(items), self.backend.file_concurrency()) if items else 0
+        if workers <= 1:
+            for item in items:
+                fn(item)
+            return
+        backlog = iter(items)
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            while True:
+                with lock:
+                    if errors:
+                        return
+                    item = next(backlog, None)
+                if item is None:
+                    return
+                try:
+                    fn(item)
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller
+                    with lock:
+                        errors.append(exc)
+                    return
+
+        threads = [threading.Thread(target=work, name=f"covalent-lot-file-{i}", daemon=True)
+                   for i in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
 
     # --- one guarded service call -------------------------------------------------------
     def _guard(self, action: str, target: str, fn: Callable[[], T], stats: TransferStats) -> T:
@@ -190,7 +234,8 @@ class Engine:
             return verdict is not None and verdict.transient
 
         def on_retry(attempt: int, exc: BaseException, wait: float) -> None:
-            stats.retries += 1
+            with self._count:
+                stats.retries += 1
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             log.warning("%s %s: attempt %d failed (%s); retrying in %.1f s",
                         action, target, attempt, first_line, wait)
@@ -226,8 +271,8 @@ class Engine:
                     "end the URI with '/' to upload a folder"
                 )
             # Walk first: a refused entry (a symlink) stops the upload before any byte moves.
-            for path, relative in list(_walk_files(local_path)):
-                self._upload_one(path, destination.child(relative), stats)
+            files = list(_walk_files(local_path))
+            self._each(files, lambda item: self._upload_one(item[0], destination.child(item[1]), stats))
         elif os.path.isfile(local_path):
             if destination.is_folder:
                 destination = destination.child(os.path.basename(local_path))
@@ -272,24 +317,25 @@ class Engine:
                 f"upload source {path!r} changed while it was uploaded; the object "
                 f"{destination} was removed again. Write the file completely before the upload runs."
             )
-        stats.files += 1
-        stats.bytes += before.st_size
-        stats.verified += sha256 is not None
+        with self._count:
+            stats.files += 1
+            stats.bytes += before.st_size
+            stats.verified += sha256 is not None
 
     # --- download -------------------------------------------------------------------------
     def download(self, source: StoreURI, local_path: str) -> TransferStats:
         started = time.perf_counter()
         stats = TransferStats("download", str(source), local_path)
         if source.is_folder:
-            found = False
+            jobs = []
             for obj in self._list(source, stats):
                 relative = obj.location.key[len(source.key):]
                 if not relative or relative.endswith("/") or TEMP_MARK in relative:
                     continue  # folder markers made by consoles; our own leftovers
-                found = True
-                target = local_path_for_key(local_path, relative, str(obj.location))
-                self._download_one(obj, target, stats)
-            if not found:
+                # Every key is checked before any byte moves.
+                jobs.append((obj, local_path_for_key(local_path, relative, str(obj.location))))
+            self._each(jobs, lambda job: self._download_one(job[0], job[1], stats))
+            if not jobs:
                 raise FileNotFoundError(
                     f"download {source}: no objects under this folder [endpoint "
                     f"{self.backend.endpoint}]; check the prefix (a folder with no files "
@@ -325,12 +371,13 @@ class Engine:
                 return seen
 
         seen = self._guard("download", str(obj.location), attempt, stats)
-        stats.files += 1
-        stats.bytes += seen.size
-        if self.verify and (seen.sha256 or obj.sha256):
-            stats.verified += 1
-        else:
-            stats.unverified.append(str(obj.location))
+        with self._count:
+            stats.files += 1
+            stats.bytes += seen.size
+            if self.verify and (seen.sha256 or obj.sha256):
+                stats.verified += 1
+            else:
+                stats.unverified.append(str(obj.location))
 
     # --- copy -----------------------------------------------------------------------------
     def copy(self, source: StoreURI, destination: StoreURI) -> TransferStats:
@@ -351,12 +398,15 @@ class Engine:
         else:
             pairs = [(self._guard("read", str(source), lambda: self.backend.stat(source), stats),
                       destination)]
-        for obj, target in pairs:
-            self._guard("copy", f"{obj.location} -> {target}",
-                        lambda: self.backend.copy(obj, target), stats)
-            stats.files += 1
-            stats.bytes += obj.size
-            stats.verified += obj.sha256 is not None
+        def copy_one(pair: tuple[RemoteObject, StoreURI]) -> None:
+            obj, target = pair
+            self._guard("copy", f"{obj.location} -> {target}", lambda: self.backend.copy(obj, target), stats)
+            with self._count:
+                stats.files += 1
+                stats.bytes += obj.size
+                stats.verified += obj.sha256 is not None
+
+        self._each(pairs, copy_one)
         return self._finish(stats, started)
 
 

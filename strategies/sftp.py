@@ -539,6 +539,11 @@ class SFTPBackend(Backend):
             ssh.close()
             raise
 
+    def file_concurrency(self) -> int:
+        # paramiko's transfers drive their channels' replies by hand: one file at a
+        # time; asyncssh multiplexes any number of requests on its event loop.
+        return super().file_concurrency() if _use_asyncssh(self.settings["transport"]) else 1
+
     def _conn(self, location: StoreURI) -> _Connection:
         if self._authority is None:
             self._authority = location.bucket
