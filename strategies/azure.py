@@ -297,6 +297,8 @@ class _CopyTimeout(TimeoutError):
 
 class AzureBackend(Backend):
     scheme = "az"
+    # The checksum goes with the block-list commit, after the blocks: hash while staging.
+    checksum_after_upload = True
 
     def __init__(self, settings: Mapping[str, Any]):
         super().__init__(settings)
@@ -460,32 +462,64 @@ class AzureBackend(Backend):
                     item.size, _checksum(item.metadata), _quoted(item.etag),
                 )
 
-    def put_file(self, local_path: str, location: StoreURI, size: int, sha256: str | None) -> None:
-        block = block_size_for(size, self.settings["max_block_size"])
-        dedicated = None
-        if block != self.settings["max_block_size"]:
-            service = self.client
-            from azure.storage.blob import BlobClient
-
-            dedicated = BlobClient(
-                service.url, location.bucket, location.key, credential=service.credential,
-                **self._client_kwargs(max_block_size=block),
-            )
-        blob = dedicated or self._blob(location)
+    def put_file(self, local_path: str, location: StoreURI, size: int, sha256) -> None:
         # Put Blob and Put Block List replace all metadata, so an upload without
         # a checksum (verify off) does not keep a stale one.
-        metadata = {METADATA_KEY: sha256} if sha256 is not None else None
-        try:
-            with self._naming(location.bucket), open(local_path, "rb") as f:
-                # Up to max_single_put_size: one request. Above: blocks staged in
-                # parallel, read from the file in bounded buffers, then one commit.
-                blob.upload_blob(
-                    f, length=size, overwrite=True, metadata=metadata,
-                    max_concurrency=self.settings["max_concurrency"],
-                )
-        finally:
-            if dedicated is not None:
-                dedicated.close()
+        blob = self._blob(location)
+        with self._naming(location.bucket), open(local_path, "rb") as f:
+            if size <= self.settings["max_single_put_size"]:
+                # One request (the bytes are held in memory while it is sent).
+                digest = sha256() if callable(sha256) else sha256
+                blob.upload_blob(f, length=size, overwrite=True,
+                                 metadata={METADATA_KEY: digest} if digest is not None else None)
+                return
+            block_ids = self._stage_blocks(blob, f.fileno(), size)
+            # Metadata goes with the commit: the checksum was computed alongside
+            # the staging (checksum_after_upload) and costs no pass of its own.
+            digest = sha256() if callable(sha256) else sha256
+            from azure.storage.blob import BlobBlock
+
+            # Uncommitted blocks are invisible and expire on their own (7 days):
+            # a failed upload leaves nothing under the name.
+            blob.commit_block_list([BlobBlock(block_id) for block_id in block_ids],
+                                   metadata={METADATA_KEY: digest} if digest is not None else None)
+
+    def _stage_blocks(self, blob, fd: int, size: int) -> list[str]:
+        """Stage the file's blocks, ``max_concurrency`` at a time; their ids in order.
+
+        Each worker reads its block with ``pread`` when it starts: memory is
+        bounded by max_concurrency * block size.
+        """
+        import base64
+        import concurrent.futures
+        import uuid
+
+        block = block_size_for(size, self.settings["max_block_size"])
+        prefix = uuid.uuid4().hex  # ids are unique per upload: no mix with another writer's blocks
+        ranges = [(i, offset, min(block, size - offset)) for i, offset in enumerate(range(0, size, block))]
+        ids = [base64.b64encode(f"{prefix}-{i:06d}".encode()).decode() for i, _, _ in ranges]
+
+        def stage(item: tuple[int, int, int]) -> None:
+            i, offset, length = item
+            data = os.pread(fd, length, offset)
+            if len(data) != length:
+                raise OSError(f"upload source shrank while it was read (at {offset})")
+            blob.stage_block(ids[i], data, length=length)
+
+        workers = max(1, min(self.settings["max_concurrency"], len(ranges)))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="covalent-lot-az") as pool:
+            futures = [pool.submit(stage, item) for item in ranges[:workers]]
+            pending = iter(ranges[workers:])
+            # At most `workers` blocks submitted: the first failure stops new ones.
+            while futures:
+                done, rest = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+                futures = list(rest)
+                for future in done:
+                    future.result()  # the first failure stops the upload
+                    item = next(pending, None)
+                    if item is not None:
+                        futures.append(pool.submit(stage, item))
+        return ids
 
     def get_into(self, obj: RemoteObject, sink: VerifyingSink) -> RemoteObject:
         from azure.core import MatchConditions

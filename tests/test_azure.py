@@ -799,3 +799,48 @@ def test_sas_is_added_to_the_copy_source(az, monkeypatch):
     backend.copy(RemoteObject(StoreURI("az", "cont", "src"), 5), StoreURI("az", "cont", "dst"))
     assert target.started[0] == f"{target.url}?{FAKE_SAS}"
     backend.close()
+
+
+# --- block staging (the checksum goes with the commit) ------------------------------------
+class FakeBlob:
+    def __init__(self, fail_at=None):
+        import threading
+
+        self.staged = {}
+        self.lock = threading.Lock()
+        self.fail_at = fail_at
+        self.committed = None
+
+    def stage_block(self, block_id, data, length):
+        assert len(data) == length
+        with self.lock:
+            if self.fail_at is not None and len(self.staged) >= self.fail_at:
+                raise ax.ServiceRequestError("connection reset")
+            self.staged[block_id] = data
+
+
+def test_blocks_are_staged_in_order_of_ids_and_bounded(az, tmp_path):
+    data = bytes(range(256)) * (5 * 4096 + 17)  # ~5 MiB, not a whole number of blocks
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    backend = make_backend(az, account_url=URL, max_block_size="1MiB", max_concurrency=3)
+    blob = FakeBlob()
+    with open(path, "rb") as f:
+        ids = backend._stage_blocks(blob, f.fileno(), len(data))
+    assert len(ids) == 6 and len(set(ids)) == 6
+    assert b"".join(blob.staged[i] for i in ids) == data
+    assert all(len(base64.b64decode(i)) == len(base64.b64decode(ids[0])) for i in ids)  # same length ids
+
+
+def test_a_failed_block_stops_the_upload(az, tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * (20 * 1024 * 1024))
+    backend = make_backend(az, account_url=URL, max_block_size="1MiB", max_concurrency=2)
+    blob = FakeBlob(fail_at=3)
+    with open(path, "rb") as f, pytest.raises(ax.ServiceRequestError):
+        backend._stage_blocks(blob, f.fileno(), 20 * 1024 * 1024)
+    assert len(blob.staged) < 20
+
+
+def test_azure_hashes_alongside_the_upload(az):
+    assert az.AzureBackend.checksum_after_upload is True
