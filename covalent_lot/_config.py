@@ -136,6 +136,9 @@ COMMON_OPTIONS: dict[str, Option] = {
     ),
     "verify": Option("bool", True, "store and verify sha256 checksums"),
     "max_files": Option("int", 8, "files moved at once in a folder transfer", 1),
+    "fsync": Option(
+        "bool", True, "flush each downloaded file to disk before renaming it into place (power-loss safe)"
+    ),
 }
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+import time
 
 import pytest
 
@@ -17,14 +19,55 @@ transport = pytest.importorskip("covalent_lot.strategies._sftp_asyncssh")
 
 
 # --- the sink's in-order fast path --------------------------------------------------------
-def test_in_order_writes_are_hashed_inline_without_a_thread(tmp_path):
+def test_in_order_writes_are_hashed_from_memory_without_a_re_read(tmp_path, monkeypatch):
     blocks = [bytes([i]) * 5000 for i in range(20)]
+    real_pread = os.pread
+
+    def no_pread(fd, n, offset):
+        raise AssertionError("in-order bytes were read back from the file")
+
     with atomic_download(str(tmp_path / "out")) as (f, _):
         sink = VerifyingSink(f)
+        monkeypatch.setattr(os, "pread", no_pread)
         for i, block in enumerate(blocks):
             sink.write_at(i * 5000, block)
-        assert sink._thread is None
         assert sink.hexdigest() == hashlib.sha256(b"".join(blocks)).hexdigest()
+        monkeypatch.setattr(os, "pread", real_pread)
+        sink.close()
+
+
+def test_queued_bytes_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(VerifyingSink, "QUEUE_LIMIT", 10_000)
+    gate = threading.Event()
+    real_update = None
+    with atomic_download(str(tmp_path / "out")) as (f, _):
+        sink = VerifyingSink(f)
+        real = sink._hash
+
+        class SlowHash:
+            def update(self, data):
+                gate.wait(5)
+                real.update(data)
+
+            def hexdigest(self):
+                return real.hexdigest()
+
+        sink._hash = SlowHash()
+        done = threading.Event()
+
+        def writer():
+            for i in range(10):
+                sink.write_at(i * 4000, b"z" * 4000)
+            done.set()
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        time.sleep(0.2)
+        assert not done.is_set() and sink._queued <= 10_000 + 4000  # the writer waits
+        gate.set()
+        thread.join(5)
+        assert done.is_set()
+        assert sink.hexdigest() == hashlib.sha256(b"z" * 40000).hexdigest()
         sink.close()
 
 
