@@ -136,6 +136,11 @@ COMMON_OPTIONS: dict[str, Option] = {
     ),
     "verify": Option("bool", True, "store and verify sha256 checksums"),
     "max_files": Option("int", 8, "files moved at once in a folder transfer", 1),
+    "reuse_local": Option(
+        "bool", True,
+        "skip a download when the local file already holds the stored sha256's bytes (recorded "
+        "when this machine uploaded or verified it, unchanged since)",
+    ),
     "fsync": Option(
         "bool", True, "flush each downloaded file to disk before renaming it into place (power-loss safe)"
     ),

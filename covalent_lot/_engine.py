@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from ._errors import ChecksumMismatchError, Classified, translate
 from ._retry import RetryPolicy
-from ._stream import TEMP_MARK, VerifyingSink, atomic_download, sha256_file
+from ._stream import TEMP_MARK, VerifyingSink, atomic_download, holds_verified, mark_verified, sha256_file
 from ._uri import StoreURI
 
 __all__ = ["Backend", "RemoteObject", "TransferStats", "Engine", "local_path_for_key"]
@@ -52,6 +52,7 @@ class TransferStats:
     seconds: float = 0.0
     retries: int = 0
     verified: int = 0  # files whose sha256 was checked (download) or stored (upload)
+    kept: int = 0  # downloads skipped: the local file already held the verified bytes
     unverified: list[str] = field(default_factory=list)
 
     @property
@@ -61,6 +62,8 @@ class TransferStats:
     def summary(self) -> str:
         word = {"upload": "stored", "copy": "kept"}.get(self.action, "verified")
         check = f"{self.verified}/{self.files} sha256 {word}"
+        if self.kept:
+            check += f", {self.kept} already here (local copy matched)"
         return (
             f"{self.action} {self.source} -> {self.destination}: {self.files} file(s), "
             f"{self.bytes / MiB:.1f} MiB in {self.seconds:.2f} s ({self.mib_per_s:.1f} MiB/s), "
@@ -317,6 +320,9 @@ class Engine:
                 f"upload source {path!r} changed while it was uploaded; the object "
                 f"{destination} was removed again. Write the file completely before the upload runs."
             )
+        if sha256 is not None and self._reuse_local:
+            # A consumer on this machine whose local path is this file skips its download.
+            mark_verified(path, sha256() if callable(sha256) else sha256)
         with self._count:
             stats.files += 1
             stats.bytes += before.st_size
@@ -349,7 +355,20 @@ class Engine:
     def _list(self, prefix: StoreURI, stats: TransferStats) -> list[RemoteObject]:
         return self._guard("list", str(prefix), lambda: list(self.backend.iter_objects(prefix)), stats)
 
+    @property
+    def _reuse_local(self) -> bool:
+        return self.verify and bool(self.backend.settings.get("reuse_local", True))
+
     def _download_one(self, obj: RemoteObject, local_path: str, stats: TransferStats) -> None:
+        if self._reuse_local and obj.sha256 is not None and holds_verified(local_path, obj.sha256, obj.size):
+            # Already here: uploaded from, or downloaded and verified to, this very
+            # path, unchanged since (size and mtime), with the stored sha256.
+            with self._count:
+                stats.files += 1
+                stats.verified += 1
+                stats.kept += 1
+            return
+
         def attempt() -> RemoteObject:
             # Each attempt starts a fresh temporary file: a retried transfer
             # never mixes bytes of two attempts.
@@ -368,6 +387,9 @@ class Engine:
                             f"received {actual} ({sink.bytes_written} bytes); the object was "
                             f"changed or corrupted. {local_path!r} was left untouched."
                         )
+                    if self._reuse_local:
+                        f.flush()  # the recorded mtime is the final one
+                        mark_verified(f.fileno(), actual)
                 return seen
 
         seen = self._guard("download", str(obj.location), attempt, stats)

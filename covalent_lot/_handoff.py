@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from typing import Any
@@ -74,7 +75,11 @@ class Handoff:
             if staging is None:
                 staging = os.path.join(tempfile.gettempdir(), "covalent-lot")
             name = location.name or location.bucket  # s3://bucket/ names the whole bucket
-            local_path = os.path.join(staging, "{dispatch_id}", "{node_id}", name)
+            # One local path per (dispatch, URI), the same in the producer and its
+            # consumers: a consumer on the producer's machine finds the verified
+            # file already there and skips the download (option reuse_local).
+            tag = hashlib.sha256(uri.encode()).hexdigest()[:12]
+            local_path = os.path.join(staging, "{dispatch_id}", tag, name)
             if location.is_folder:
                 local_path += "/"
         _check_local(local_path)

@@ -259,6 +259,31 @@ class VerifyingSink:
         return self._hash.hexdigest()
 
 
+# A local file's record of the sha256 it had when it was uploaded or downloaded
+# and verified, with the size and mtime it had then (an extended attribute).
+LOCAL_ATTR = "user.covalent-lot.sha256"
+
+
+def mark_verified(path_or_fd, sha256: str) -> None:
+    """Record that ``path_or_fd`` now holds bytes with ``sha256`` (best effort)."""
+    try:
+        st = os.stat(path_or_fd)
+        os.setxattr(path_or_fd, LOCAL_ATTR, f"{sha256} {st.st_size} {st.st_mtime_ns}".encode())
+    except (OSError, AttributeError):  # no xattrs on this filesystem/platform: no shortcut
+        pass
+
+
+def holds_verified(path: str, sha256: str, size: int) -> bool:
+    """True if ``path`` is a file recorded with ``sha256`` and unchanged since (size, mtime)."""
+    try:
+        st = os.stat(path)
+        value = os.getxattr(path, LOCAL_ATTR).decode("ascii").split()
+    except (OSError, AttributeError, UnicodeDecodeError):
+        return False
+    return (len(value) == 3 and value[0] == sha256 and st.st_size == size
+            and value[1] == str(st.st_size) and value[2] == str(st.st_mtime_ns))
+
+
 @contextlib.contextmanager
 def atomic_download(final_path: str, fsync: bool = True) -> Iterator[tuple[BinaryIO, str]]:
     """Yield a temporary file beside ``final_path``; move it into place on success.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import tempfile
 import uuid
 
 import cloudpickle
@@ -48,6 +49,18 @@ def node_stderr(result, node_id: int) -> str:
         return f"<no stderr: {exc}>"
 
 
+def _xattrs_work(directory: str) -> bool:
+    fd, probe = tempfile.mkstemp(dir=directory)
+    os.close(fd)
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.unlink(probe)
+
+
 def test_seed_scenario_256_mib(lot_env, kit, bucket):
     import numpy as np
 
@@ -63,16 +76,30 @@ def test_seed_scenario_256_mib(lot_env, kit, bucket):
     def consume(produced, files=[]):
         return {"sha256": file_sha256(h.path), "sum": float(np.load(h.path).sum()), "files": files}
 
+    # A consumer with a local path of its own really downloads (the one above,
+    # on the producer's machine and path, finds the verified file already there).
+    elsewhere = covalent_lot.download(
+        kit.uri(bucket, "runs/{dispatch_id}/features.npy"),
+        os.path.join(tempfile.gettempdir(), "covalent-lot-it", "{dispatch_id}", "{node_id}", "f.npy"))
+
+    @ct.electron(files=[elsewhere])
+    def consume_elsewhere(produced, files=[]):
+        return {"sha256": file_sha256(files[0][1])}
+
     @ct.lattice
     def seed(n: int):
         produced = produce(n)
-        return {"produced": produced, "consumed": consume(produced)}
+        return {"produced": produced, "consumed": consume(produced), "copied": consume_elsewhere(produced)}
 
     dispatch_id, result = run(seed, 256 * MiB // 8)
     assert str(result.status) == "COMPLETED", (result.error, node_stderr(result, 0), node_stderr(result, 2))
     out = result.result
-    assert out["consumed"]["sha256"] == out["produced"]["sha256"]
+    assert out["consumed"]["sha256"] == out["produced"]["sha256"] == out["copied"]["sha256"]
     assert out["consumed"]["sum"] == out["produced"]["sum"]
+    logs = "".join(node_stderr(result, i) for i in range(8))
+    if _xattrs_work(tempfile.gettempdir()):
+        assert "1 already here" in logs, logs
+    assert logs.count("1/1 sha256 verified") >= 1  # the real download
     key = f"runs/{dispatch_id}/features.npy"
     assert kit.get_metadata(bucket, key)["lot-sha256"] == out["produced"]["sha256"]
     ((remote, local),) = out["consumed"]["files"]
