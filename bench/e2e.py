@@ -1,0 +1,748 @@
+#!/usr/bin/env python
+"""End to end: the seed scenario through a real Covalent server, by value vs handoff vs floor.
+
+For every size, a producer electron makes a random float64 numpy array of that
+many MiB and a consumer electron reduces it to a small summary (element count,
+sum, first and last element) that this script checks against the same values
+computed here, chunk by chunk, outside the measurement. The pair runs as:
+
+* ``by value``: the producer returns the array, Covalent passes it to the consumer;
+* ``handoff`` (one row per backend: s3, gcs, azure, sftp): the producer
+  ``np.save``s to ``h.path`` and covalent-lot uploads it after the electron to a
+  per-dispatch key ``<scheme>://<bucket>/{dispatch_id}/x.npy``; the consumer's
+  download runs before it and it ``np.load``s ``h.path``;
+* ``local path (floor)``: the producer saves a local ``.npy`` and returns the
+  path string, the consumer loads it (one machine only; the lower bound).
+
+Everything runs on loopback servers started here, all state under ``workdir``:
+a private ``covalent start`` (2 dask workers; HOME, TMPDIR, config, database,
+results, logs and dask scratch below ``workdir/covalent``, never the user's
+home) and one storage server per requested backend, started through the
+integration kits (SeaweedFS, fake-gcs-server, Azurite, OpenSSH sshd). The
+Covalent server's environment carries every kit's ``env`` (credentials by
+reference plus ``COVALENT_LOT_<NAME>_*``), as in integration/test_workflows.py,
+so electrons reach the stores. A backend whose kit cannot start (no sshd, no
+Azurite...) gets an error row per size and the rest goes on. Every server is
+stopped in ``finally`` (and by the harness's atexit hook should that fail).
+
+Measurement, per row:
+
+* ``wall_s``: ``ct.dispatch(...)(...)`` until
+  ``ct.get_result(dispatch_id, wait=True, intermediate_outputs=False)`` returns,
+  the same call for every workflow (``--intermediate-outputs`` switches all
+  rows to Covalent's default, which also downloads every node's output, i.e.
+  the whole array for "by value"). Covalent's ``wait=True`` polls the status
+  once a second, so ``wall_s`` carries 0-1 s of polling slack; ``server_s``
+  (the dispatch's start to end time as the server recorded it) has no such
+  quantization, ``producer_s``/``consumer_s`` are the nodes' own start-to-end
+  times (file transfers included), and for handoff rows ``upload_s`` /
+  ``download_s`` come from covalent-lot's INFO lines in the nodes' stderr.
+* ``worker_rss_mib``: peak RSS of the largest single process of the Covalent
+  server's process group (uvicorn dispatcher, dask scheduler, nannies, the
+  workers that run the electrons), sampled every 50 ms; ``tree_rss_mib`` the
+  peak of the group's total; ``worker_rss_start_mib`` the largest process's
+  RSS when the dispatch starts (workers keep memory from earlier rows, so the
+  peak of a light row can be a heavier row's leftover);
+  ``client_rss_mib`` the peak of this process;
+  ``store_rss_mib`` (handoff rows) the peak of the storage server's process
+  and its descendants (sshd: listener plus per-connection children).
+* ``added_mib``: bytes added under the Covalent server's data and results
+  dirs during the dispatch (``dir_bytes`` before/after);
+  ``cache_added_mib``: the same for the dask executor's cache dir and the
+  client's dispatch cache (pickled inputs/outputs and stdout/stderr per task).
+
+Repetitions: ``quick`` runs every configuration once per size; otherwise twice,
+interleaved (all configurations, then all again in reverse order) so drift
+hits all alike; the row then reports the best (lowest) ``wall_s`` with the
+timings of that run, and the highest RSS / added bytes of the two runs;
+``wall_s_all`` lists both. Before the measured rows every workflow runs once
+untimed on a tiny array (worker imports, first writes to each store) and a
+fresh SeaweedFS gets min(256, largest size) MiB written twice (it grows its
+first volumes at half speed, a cloud store does not). Nothing is restarted
+between rows; every dispatch runs alone (sequential; the machine has 2 cores).
+The handoff's local files (``workdir/staging/<dispatch_id>/<node_id>/x.npy``)
+and the floor's (``workdir/floor/<dispatch_id>.npy``) are deleted after each
+row, outside the measurement; the stored objects stay until the servers go.
+This process keeps its HOME: only covalent's own paths (COVALENT_*,
+XDG_CACHE_HOME) point below ``workdir``, set before covalent is imported (or
+its config manager is rebuilt from them if it was imported already).
+
+    python bench/e2e.py --sizes 16,64 --backends s3,gcs,azure,sftp [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+HERE = Path(__file__).resolve().parent
+INTEGRATION = HERE.parent / "integration"
+MiB = 1024 * 1024
+
+BACKENDS = ("s3", "gcs", "azure", "sftp")
+KIT_CLASSES = {
+    "s3": ("_kits", "S3Kit"),
+    "gcs": ("_kit_gcs", "GCSKit"),
+    "azure": ("_kit_azure", "AzureKit"),
+    "sftp": ("_kit_sftp", "SFTPKit"),
+}
+BY_VALUE, HANDOFF, FLOOR = "by value", "handoff", "local path (floor)"
+
+# ct.get_result(..., intermediate_outputs=INTERMEDIATE_OUTPUTS) for every row.
+INTERMEDIATE_OUTPUTS = False
+SAMPLE_INTERVAL = 0.05  # seconds between RSS samples
+WARM_N = 1024  # elements in the untimed warm-up dispatches
+DISPATCH_TIMEOUT = 900.0  # seconds before a dispatch counts as hung
+
+if __name__ != "__main__" and __name__ in sys.modules:
+    # Electrons defined in this module must reach the dask workers by value (the
+    # workers cannot import bench/e2e.py); __main__ is pickled by value anyway.
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# ------------------------------------------------------------------ harness modules
+
+
+def _load_kits():
+    """integration/_kits.py under the name its siblings expect (as conftest.py does)."""
+    name = "lot_it__kits"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, INTEGRATION / "_kits.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _log(msg: str) -> None:
+    print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _short(text: Any, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -------------------------------------------------------------------- RSS sampling
+
+
+class PeakRSS:
+    """Peak resident memory of process groups and of this process, sampled in a thread.
+
+    Copied from integration/demo.py and extended: ``worker_peak`` is the largest
+    single process of the Covalent server's group, ``tree_peak`` that group's
+    total, ``client_peak`` this process, ``store_peak`` the total of the storage
+    server's process and its descendants (if one is given).
+    """
+
+    def __init__(self, servers, server_pgid: int, store_pid: Optional[int] = None,
+                 interval: float = SAMPLE_INTERVAL):
+        import psutil
+
+        self._psutil = psutil
+        self._servers = servers
+        self._pgid = server_pgid
+        self._store_pid = store_pid
+        self._interval = interval
+        self._stop = threading.Event()
+        self.worker_peak = 0
+        self.tree_peak = 0
+        self.client_peak = 0
+        self.store_peak = 0
+        self._me = psutil.Process()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _group_rss(self, pgid: int) -> tuple[int, int]:
+        total = biggest = 0
+        for proc in self._servers._group_members(pgid):
+            try:
+                rss = proc.memory_info().rss
+            except self._psutil.Error:
+                continue
+            total += rss
+            biggest = max(biggest, rss)
+        return total, biggest
+
+    def _tree_rss(self, pid: int) -> int:
+        # A process and its descendants: sshd's per-connection children leave
+        # the listener's process group (setsid) but stay its descendants.
+        try:
+            root = self._psutil.Process(pid)
+            procs = [root] + root.children(recursive=True)
+        except self._psutil.Error:
+            return 0
+        total = 0
+        for proc in procs:
+            try:
+                total += proc.memory_info().rss
+            except self._psutil.Error:
+                pass
+        return total
+
+    def sample(self) -> None:
+        try:
+            self.client_peak = max(self.client_peak, self._me.memory_info().rss)
+        except self._psutil.Error:
+            pass
+        total, biggest = self._group_rss(self._pgid)
+        self.worker_peak = max(self.worker_peak, biggest)
+        self.tree_peak = max(self.tree_peak, total)
+        if self._store_pid is not None:
+            self.store_peak = max(self.store_peak, self._tree_rss(self._store_pid))
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except Exception:  # noqa: BLE001 - a sampling hiccup must not end the run
+                pass
+            self._stop.wait(self._interval)
+
+    def __enter__(self):
+        self.sample()
+        self.worker_start = self.worker_peak  # what the largest process held already
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+# ------------------------------------------------------------------ the workflows
+
+
+def _expected(n: int, seed: int) -> dict:
+    """What the consumer must report, computed in bounded memory (8 MiB chunks).
+
+    ``Generator.random`` draws one 64-bit value per double, so chunks give the
+    very same elements as one call; only the sum's rounding differs.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    total, first, last, left = 0.0, None, None, n
+    while left:
+        chunk = rng.random(min(left, MiB))
+        if first is None:
+            first = float(chunk[0])
+        last = float(chunk[-1])
+        total += float(chunk.sum())
+        left -= chunk.size
+    return {"n": n, "sum": total, "first": first, "last": last}
+
+
+def _check(got: Any, want: dict) -> Optional[str]:
+    """None when the consumer's summary matches, else a short reason."""
+    if not isinstance(got, dict):
+        return f"unexpected result {_short(repr(got), 80)}"
+    for key in ("n", "first", "last"):
+        if got.get(key) != want[key]:
+            return f"wrong {key}: {got.get(key)!r} != {want[key]!r}"
+    if not math.isclose(got.get("sum", math.nan), want["sum"], rel_tol=1e-9):
+        return f"wrong sum: {got.get('sum')!r} != {want['sum']!r}"
+    return None
+
+
+def _lattices(ct, lot, workdir: Path, kits: dict, buckets: dict) -> dict:
+    """(workflow, backend) -> (lattice, producer name, consumer name)."""
+    floor_dir = str(workdir / "floor")
+    staging = str(workdir / "staging")
+
+    # --- by value -------------------------------------------------------------------
+    @ct.electron
+    def make_array(n: int, seed: int):
+        import numpy as np
+
+        return np.random.default_rng(seed).random(n)
+
+    @ct.electron
+    def summarize(x):
+        return {"n": int(x.size), "sum": float(x.sum()), "first": float(x[0]), "last": float(x[-1])}
+
+    @ct.lattice
+    def by_value(n: int, seed: int):
+        return summarize(make_array(n, seed))
+
+    # --- local path (floor) ---------------------------------------------------------
+    @ct.electron
+    def save_local(n: int, seed: int):
+        import numpy as np
+
+        os.makedirs(floor_dir, exist_ok=True)
+        path = os.path.join(floor_dir, f"{ct.get_context().dispatch_id}.npy")
+        np.save(path, np.random.default_rng(seed).random(n))
+        return path
+
+    @ct.electron
+    def load_local(path: str):
+        import numpy as np
+
+        x = np.load(path)
+        return {"n": int(x.size), "sum": float(x.sum()), "first": float(x[0]), "last": float(x[-1])}
+
+    @ct.lattice
+    def local_path(n: int, seed: int):
+        return load_local(save_local(n, seed))
+
+    out = {
+        (BY_VALUE, None): (by_value, "make_array", "summarize"),
+        (FLOOR, None): (local_path, "save_local", "load_local"),
+    }
+
+    # --- handoff, one per backend ---------------------------------------------------
+    def handoff_lattice(h):
+        @ct.electron(files=[h.upload()])
+        def produce(n: int, seed: int, files=[]):
+            import numpy as np
+
+            np.save(h.path, np.random.default_rng(seed).random(n))
+            return n  # the consumer's dependency; the bytes go through storage
+
+        @ct.electron(files=[h.download()])
+        def consume(n: int, files=[]):
+            import numpy as np
+
+            x = np.load(h.path)
+            return {"n": int(x.size), "sum": float(x.sum()), "first": float(x[0]), "last": float(x[-1])}
+
+        @ct.lattice
+        def handoff(n: int, seed: int):
+            return consume(produce(n, seed))
+
+        return handoff
+
+    for name, kit in kits.items():
+        # Local files below workdir too (the default staging dir is the *client's*
+        # tempdir), per dispatch and node like the default.
+        h = lot.handoff(
+            kit.uri(buckets[name], "{dispatch_id}/x.npy"),
+            local_path=os.path.join(staging, "{dispatch_id}", "{node_id}", "x.npy"),
+        )
+        out[(HANDOFF, name)] = (handoff_lattice(h), "produce", "consume")
+    return out
+
+
+# --------------------------------------------------------------- one measured run
+
+_TRANSFER_RE = re.compile(
+    r"covalent-lot: (upload|download) \S+ -> \S+: \d+ file\(s\), ([\d.]+) MiB in ([\d.]+) s"
+)
+
+
+def _node_info(result) -> dict:
+    """name -> {"seconds": node start to end, "stderr": text} for every node."""
+    info = {}
+    try:
+        nodes = list(result.lattice.transport_graph._graph.nodes)
+    except Exception:  # noqa: BLE001
+        return info
+    for node_id in nodes:
+        try:
+            node = result.get_node_result(node_id)
+        except Exception:  # noqa: BLE001
+            continue
+        start, end = node.get("start_time"), node.get("end_time")
+        info[node.get("node_name")] = {
+            "seconds": (end - start).total_seconds() if start and end else None,
+            "stderr": str(node.get("stderr") or ""),
+        }
+    return info
+
+
+def _transfer_seconds(stderr_text: str, action: str) -> Optional[float]:
+    seconds = [float(m.group(3)) for m in _TRANSFER_RE.finditer(stderr_text) if m.group(1) == action]
+    return sum(seconds) if seconds else None
+
+
+def _get_result(ct, dispatch_id: str, timeout: float):
+    """ct.get_result(wait=True) with a deadline: (result, finished perf_counter, error)."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = ct.get_result(dispatch_id, wait=True, intermediate_outputs=INTERMEDIATE_OUTPUTS)
+        except BaseException as exc:  # noqa: BLE001 - reported as the row's error
+            box["error"] = f"get_result raised {type(exc).__name__}: {_short(exc, 100)}"
+        box["t"] = time.perf_counter()
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        try:
+            ct.cancel(dispatch_id)
+        except Exception:  # noqa: BLE001
+            pass
+        return None, time.perf_counter(), f"timeout after {timeout:.0f} s"
+    return box.get("result"), box["t"], box.get("error")
+
+
+def _measure(ct, servers, server, lattice, producer: str, consumer: str, n: int, seed: int,
+             want: dict, store_pid: Optional[int], timeout: float, workdir: Path) -> dict:
+    covalent_dirs = (server.data_dir, server.results_dir)
+    cache_dirs = (server.executor_cache_dir, server.dispatch_cache_dir)
+    before = sum(servers.dir_bytes(d) for d in covalent_dirs)
+    before_cache = sum(servers.dir_bytes(d) for d in cache_dirs)
+    dispatch_id = None
+    error = None
+    result = None
+    with PeakRSS(servers, server._pgid, store_pid) as rss:
+        started = time.perf_counter()
+        try:
+            dispatch_id = ct.dispatch(lattice)(n, seed)
+        except Exception as exc:  # noqa: BLE001
+            error = f"dispatch raised {type(exc).__name__}: {_short(exc, 100)}"
+            finished = time.perf_counter()
+        else:
+            result, finished, error = _get_result(ct, dispatch_id, timeout)
+    wall = finished - started
+    added = sum(servers.dir_bytes(d) for d in covalent_dirs) - before
+    cache_added = sum(servers.dir_bytes(d) for d in cache_dirs) - before_cache
+
+    row = {
+        "wall_s": wall,
+        "worker_rss_mib": rss.worker_peak / MiB,
+        "worker_rss_start_mib": rss.worker_start / MiB,
+        "tree_rss_mib": rss.tree_peak / MiB,
+        "client_rss_mib": rss.client_peak / MiB,
+        "store_rss_mib": rss.store_peak / MiB if store_pid is not None else None,
+        "added_mib": added / MiB,
+        "cache_added_mib": cache_added / MiB,
+        "server_s": None,
+        "producer_s": None,
+        "consumer_s": None,
+        "upload_s": None,
+        "download_s": None,
+        "dispatch_id": dispatch_id,
+        "error": error,
+    }
+    if result is not None:
+        try:
+            if result.start_time and result.end_time:
+                row["server_s"] = (result.end_time - result.start_time).total_seconds()
+        except Exception:  # noqa: BLE001
+            pass
+        nodes = _node_info(result)
+        prod, cons = nodes.get(producer, {}), nodes.get(consumer, {})
+        row["producer_s"], row["consumer_s"] = prod.get("seconds"), cons.get("seconds")
+        row["upload_s"] = _transfer_seconds(prod.get("stderr", ""), "upload")
+        row["download_s"] = _transfer_seconds(cons.get("stderr", ""), "download")
+        status = str(result.status)
+        if status != "COMPLETED":
+            tails = [n.get("stderr", "").strip().splitlines()[-1:] for n in (prod, cons)]
+            detail = result.error or next((t[0] for t in tails if t), "")
+            row["error"] = _short(f"{status}: {detail}")
+        elif error is None:
+            row["error"] = _check(result.result, want)
+    # Outside the measurement: this dispatch's local files (handoff staging, floor).
+    if dispatch_id:
+        shutil.rmtree(workdir / "staging" / dispatch_id, ignore_errors=True)
+        (workdir / "floor" / f"{dispatch_id}.npy").unlink(missing_ok=True)
+    return row
+
+
+def _combine(runs: list[dict]) -> dict:
+    """Best wall time (with that run's timings); highest memory and bytes of all runs."""
+    ok = [r for r in runs if r["error"] is None]
+    pool = ok or runs
+    best = dict(min(pool, key=lambda r: r["wall_s"]))
+    for key in ("worker_rss_mib", "worker_rss_start_mib", "tree_rss_mib", "client_rss_mib", "store_rss_mib",
+                "added_mib", "cache_added_mib"):
+        values = [r[key] for r in runs if r[key] is not None]
+        best[key] = max(values) if values else None
+    best["wall_s_all"] = [round(r["wall_s"], 3) for r in runs]
+    best["runs"] = len(runs)
+    if ok and len(ok) < len(runs):
+        best["error"] = f"{len(runs) - len(ok)} of {len(runs)} runs failed: " + \
+            _short(next(r["error"] for r in runs if r["error"]), 100)
+    return best
+
+
+# ------------------------------------------------------------------- environment
+
+
+def _apply_env(env: dict) -> None:
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = str(value)
+
+
+def _point_covalent_at(servers, covalent_dir: Path, port: int):
+    """Make this process's covalent use the private config; return what to restore.
+
+    Before covalent is imported, the environment alone does it (the import writes
+    the config file from COVALENT_*). If it is imported already (run() called
+    twice, or by a caller that imported covalent), its config manager is rebuilt
+    from the new environment, as at import, and the old one is put back after.
+    """
+    for var in [v for v in os.environ if servers.is_covalent_core_var(v)]:
+        del os.environ[var]
+    os.environ.update(servers.covalent_client_env(covalent_dir, port))
+    if "covalent" not in sys.modules:
+        return None
+    from covalent._dispatcher_plugins import local as ct_local
+    from covalent._shared_files import config as ct_config
+
+    old = (ct_config._config_manager, ct_local.dispatch_cache_dir)
+    ct_config._config_manager = ct_config.ConfigManager()
+    # The one client path covalent reads from its config at import time.
+    ct_local.dispatch_cache_dir = Path(ct_config.get_config("sdk.dispatch_cache_dir"))
+    ct_local.dispatch_cache_dir.mkdir(parents=True, exist_ok=True)
+    return old
+
+
+def _restore_covalent(old) -> None:
+    if old is None:
+        return
+    from covalent._dispatcher_plugins import local as ct_local
+    from covalent._shared_files import config as ct_config
+
+    ct_config._config_manager, ct_local.dispatch_cache_dir = old
+
+
+def _warm_seaweed(kit, bucket: str, workdir: Path, mib: int) -> None:
+    """Write ``mib`` MiB twice, untimed: a fresh SeaweedFS grows its first volumes then."""
+    zeros = workdir / "warm-up.bin"
+    with open(zeros, "wb") as f:
+        f.truncate(mib * MiB)  # sparse: streams zeros without holding them
+    try:
+        for i in range(2):
+            kit.client.upload_file(str(zeros), bucket, f"warm-up/{i}")
+            kit.client.delete_object(Bucket=bucket, Key=f"warm-up/{i}")
+    finally:
+        zeros.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(sizes_mib: list[int], backends: list[str], workdir: Path, quick: bool,
+        timeout: float = DISPATCH_TIMEOUT) -> list[dict]:
+    """Run the seed scenario at each size as by value, handoff per backend and floor.
+
+    Returns one dict per (size, workflow, backend) with the keys size_mib,
+    workflow, backend, wall_s, worker_rss_mib, client_rss_mib, added_mib, error
+    and the extras described in the module docstring. ``workdir`` receives all
+    state (servers' data, Covalent's config/db/results, staging files); the
+    caller removes it.
+    """
+    unknown = [b for b in backends if b not in KIT_CLASSES]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    kits_mod = _load_kits()
+    servers = kits_mod.load_sibling("_servers")
+    saved_env = dict(os.environ)
+    reps = 1 if quick else 2
+
+    covalent_dir = workdir / "covalent"
+    port = servers.free_port(avoid_offsets=())
+    old_covalent = _point_covalent_at(servers, covalent_dir, port)
+
+    kits: dict = {}
+    kit_errors: dict[str, str] = {}
+    server = None
+    rows: list[dict] = []
+    t_total = time.monotonic()
+    try:
+        # ---- storage servers, then Covalent with every kit's env --------------------
+        env_extra: dict = {}
+        for name in backends:
+            module_name, class_name = KIT_CLASSES[name]
+            kit = None
+            try:
+                kit = getattr(kits_mod.load_sibling(module_name), class_name)()
+                t0 = time.monotonic()
+                kit.start(workdir / "stores" / name)
+                kits[name] = kit
+                env_extra.update(kit.env)
+                _log(f"{name}: {kit.endpoint} up in {time.monotonic() - t0:.1f} s")
+            except Exception as exc:  # noqa: BLE001 - skip the backend, keep the rest
+                kit_errors[name] = f"kit did not start: {_short(exc, 120)}"
+                _log(f"{name}: {kit_errors[name]}")
+                server_obj = getattr(kit, "server", None)
+                if server_obj is not None:
+                    try:
+                        server_obj.stop()
+                    except Exception:  # noqa: BLE001
+                        pass
+        _apply_env(env_extra)  # the client builds transfers with these options
+
+        server = servers.CovalentServer(covalent_dir, env_extra=env_extra, port=port)
+        server.start()
+        _log(f"covalent: {server.url} up in {server.start_seconds:.1f} s ({server.workers} dask workers)")
+
+        import numpy  # noqa: F401 - fail early, before any dispatch
+        import covalent as ct
+        from covalent._shared_files import config as ct_config
+
+        import covalent_lot as lot
+
+        ct_config.reload_config()  # the server may have moved to another port
+
+        buckets: dict[str, str] = {}
+        for name, kit in list(kits.items()):
+            try:
+                buckets[name] = kit.new_bucket()
+            except Exception as exc:  # noqa: BLE001
+                kit_errors[name] = f"bucket creation failed: {_short(exc, 120)}"
+                _log(f"{name}: {kit_errors[name]}")
+                del kits[name]
+        if "s3" in kits:
+            _warm_seaweed(kits["s3"], buckets["s3"], workdir, min(256, max(sizes_mib)))
+
+        lattices = _lattices(ct, lot, workdir, kits, buckets)
+        order = [(BY_VALUE, None)] + [(HANDOFF, b) for b in backends if b in kits] + [(FLOOR, None)]
+
+        # ---- untimed warm-up: worker imports, first writes to each store -----------
+        warm_want = _expected(WARM_N, 0)
+        for config in list(order):
+            lattice, producer, consumer = lattices[config]
+            t0 = time.monotonic()
+            warm = _measure(ct, servers, server, lattice, producer, consumer, WARM_N, 0, warm_want,
+                            None, timeout, workdir)
+            _log(f"warm-up {config[0]} {config[1] or ''}: {time.monotonic() - t0:.1f} s"
+                 + (f" ERROR {warm['error']}" if warm["error"] else ""))
+            if warm["error"] and config[0] == HANDOFF:
+                kit_errors[config[1]] = f"warm-up failed: {warm['error']}"
+                order.remove(config)
+        with PeakRSS(servers, server._pgid) as idle:
+            time.sleep(0.5)
+        _log(f"idle after warm-up: largest server process {idle.worker_peak / MiB:.0f} MiB, "
+             f"server tree {idle.tree_peak / MiB:.0f} MiB, client {idle.client_peak / MiB:.0f} MiB")
+
+        # ---- measured rows ------------------------------------------------------------
+        for mib in sizes_mib:
+            n = mib * MiB // 8
+            seed = mib
+            want = _expected(n, seed)
+            runs: dict = {config: [] for config in order}
+            for rep in range(reps):
+                for config in (order if rep % 2 == 0 else list(reversed(order))):
+                    lattice, producer, consumer = lattices[config]
+                    store_pid = kits[config[1]].server.pid if config[0] == HANDOFF else None
+                    row = _measure(ct, servers, server, lattice, producer, consumer, n, seed, want,
+                                   store_pid, timeout, workdir)
+                    runs[config].append(row)
+                    extra = ""
+                    if row["upload_s"] is not None or row["download_s"] is not None:
+                        extra = f", upload {row['upload_s']} s, download {row['download_s']} s"
+                    _log(f"{mib} MiB {config[0]} {config[1] or ''} run {rep + 1}/{reps}: "
+                         f"wall {row['wall_s']:.2f} s, server {row['server_s']} s{extra}, "
+                         f"worker peak {row['worker_rss_mib']:.0f} MiB"
+                         + (f" ERROR {row['error']}" if row["error"] else ""))
+            for workflow, backend in [(BY_VALUE, None)] + [(HANDOFF, b) for b in backends] + [(FLOOR, None)]:
+                base = {"size_mib": mib, "workflow": workflow, "backend": backend}
+                if (workflow, backend) in runs:
+                    rows.append({**base, **_combine(runs[(workflow, backend)])})
+                else:
+                    rows.append({**base, "wall_s": None, "worker_rss_mib": None, "client_rss_mib": None,
+                                 "added_mib": None, "tree_rss_mib": None,
+                                 "error": kit_errors.get(backend, "not run")})
+        _log(f"done in {time.monotonic() - t_total:.0f} s")
+        return rows
+    finally:
+        if server is not None:
+            try:
+                server.stop()
+            except Exception as exc:  # noqa: BLE001
+                _log(f"covalent stop failed: {exc}")
+        for name, kit in kits.items():
+            try:
+                kit.stop()
+            except Exception as exc:  # noqa: BLE001
+                _log(f"{name} stop failed: {exc}")
+        os.environ.clear()
+        os.environ.update(saved_env)
+        _restore_covalent(old_covalent)
+
+
+# ------------------------------------------------------------------------ output
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| size MiB | workflow | backend | wall s | server s | producer s | consumer s "
+            "| upload s | download s | worker peak RSS MiB | worker RSS at start MiB | server tree peak RSS MiB "
+            "| client peak RSS MiB | store peak RSS MiB | added MiB | cache added MiB | error |")
+    lines = [head, "|" + "---:|" * 1 + "---|---|" + "---:|" * 13 + "---|"]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            _fmt(r["size_mib"]), r["workflow"], r["backend"] or "",
+            _fmt(r.get("wall_s"), 2), _fmt(r.get("server_s"), 2), _fmt(r.get("producer_s"), 2),
+            _fmt(r.get("consumer_s"), 2), _fmt(r.get("upload_s"), 2), _fmt(r.get("download_s"), 2),
+            _fmt(r.get("worker_rss_mib"), 0), _fmt(r.get("worker_rss_start_mib"), 0),
+            _fmt(r.get("tree_rss_mib"), 0),
+            _fmt(r.get("client_rss_mib"), 0), _fmt(r.get("store_rss_mib"), 0),
+            _fmt(r.get("added_mib"), 1), _fmt(r.get("cache_added_mib"), 1),
+            _short(r.get("error") or "", 80).replace("|", "/"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="16,64", help="array sizes in MiB, comma-separated (default 16,64)")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help=f"handoff backends, comma-separated (default {','.join(BACKENDS)})")
+    parser.add_argument("--quick", action="store_true", help="one run per configuration instead of best of 2")
+    parser.add_argument("--workdir", type=Path, help="state dir (default: a new temp dir, removed afterwards)")
+    parser.add_argument("--keep", action="store_true", help="keep the workdir (logs, data)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--timeout", type=float, default=DISPATCH_TIMEOUT, help="seconds per dispatch")
+    parser.add_argument("--intermediate-outputs", action="store_true",
+                        help="ct.get_result(..., intermediate_outputs=True) for every row (Covalent's default)")
+    args = parser.parse_args(argv)
+
+    global INTERMEDIATE_OUTPUTS
+    INTERMEDIATE_OUTPUTS = args.intermediate_outputs
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lot-e2e-"))
+    started = time.monotonic()
+    try:
+        rows = run(sizes, backends, workdir, args.quick, timeout=args.timeout)
+    finally:
+        if args.keep or args.workdir:
+            print(f"workdir kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    reps = "1 run per configuration" if args.quick else "best wall time of 2 runs, peak memory of both"
+    print(f"\nseed scenario end to end (float64 array, producer -> consumer, private Covalent server, "
+          f"2 dask workers, one machine), {reps}; "
+          f"get_result(wait=True, intermediate_outputs={INTERMEDIATE_OUTPUTS}); total {elapsed:.0f} s\n")
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=str))
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
