@@ -19,6 +19,7 @@ connection, joined on close.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import logging
 import os
@@ -145,6 +146,8 @@ class AsyncsshConnection:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result()
+        except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:
+            raise ConnectionError("SSH connection closed while a request was in flight") from exc
         except BaseException as exc:
             future.cancel()
             translated = _translate(exc)
@@ -161,11 +164,20 @@ class AsyncsshConnection:
             return
         self._closed = True
         ssh, self._ssh = self._ssh, None
-        if ssh is not None and self._loop.is_running():
-            async def shut():
+
+        async def shut():
+            # Whatever other threads still wait for (a folder's other files) ends
+            # now, with an error, instead of waiting on a stopped loop forever.
+            me = asyncio.current_task()
+            others = [t for t in asyncio.all_tasks() if t is not me]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+            if ssh is not None:
                 ssh.close()
                 await ssh.wait_closed()
 
+        if self._loop.is_running():
             try:
                 asyncio.run_coroutine_threadsafe(asyncio.wait_for(shut(), 5), self._loop).result()
             except Exception:  # noqa: BLE001 - closing; the loop goes next

@@ -136,3 +136,31 @@ def test_auth_and_host_key_errors_are_left_to_the_error_table():
     assert verdict is not None and verdict.kind.name == "DENIED"
     lost = backend.classify(asyncssh.ProtocolError("garbled"))
     assert lost is not None and lost.kind.name == "CONNECTION"
+
+
+def test_closing_the_connection_ends_requests_other_threads_wait_for():
+    import asyncio
+
+    conn = object.__new__(transport.AsyncsshConnection)
+    conn.settings = {"io_timeout": 60.0}
+    conn._closed = False
+    conn._ssh = None
+    conn._loop = asyncio.new_event_loop()
+    conn._thread = threading.Thread(target=conn._loop.run_forever, daemon=True)
+    conn._thread.start()
+    outcome = []
+
+    def waiter():
+        try:
+            conn.run(asyncio.sleep(30), timeout=None)  # a request that never answers
+        except BaseException as exc:  # noqa: BLE001
+            outcome.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.2)
+    conn.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert len(outcome) == 1 and type(outcome[0]) is ConnectionError
+    assert not conn._thread.is_alive()
