@@ -142,7 +142,9 @@ COMMON_OPTIONS: dict[str, Option] = {
         "when this machine uploaded or verified it, unchanged since)",
     ),
     "fsync": Option(
-        "bool", True, "flush each downloaded file to disk before renaming it into place (power-loss safe)"
+        "bool", False,
+        "also flush each downloaded file to disk before renaming it into place (survives a power "
+        "loss; ~0.4 s per GiB here). Without it the rename is still atomic for readers and crashes",
     ),
 }
 

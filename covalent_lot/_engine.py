@@ -372,7 +372,7 @@ class Engine:
         def attempt() -> RemoteObject:
             # Each attempt starts a fresh temporary file: a retried transfer
             # never mixes bytes of two attempts.
-            with atomic_download(local_path, fsync=self.backend.settings.get("fsync", True)) as (f, _temp):
+            with atomic_download(local_path, fsync=bool(self.backend.settings.get("fsync", False))) as (f, _temp):
                 sink = VerifyingSink(f, hashing=self.verify)
                 try:
                     seen = self.backend.get_into(obj, sink)

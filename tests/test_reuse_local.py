@@ -97,3 +97,15 @@ def test_record_format_and_mismatches(tmp_path):
     assert not holds_verified(str(tmp_path / "missing"), digest, 3)
     os.setxattr(path, LOCAL_ATTR, b"garbage")
     assert not holds_verified(str(path), digest, 3)
+
+
+@pytest.mark.parametrize("setting, expected", [({}, 0), ({"fsync": True}, 1), ({"fsync": False}, 0)])
+def test_fsync_option(tmp_path, request, monkeypatch, setting, expected):
+    engine, backend = make(request, **setting)
+    backend.add("bkt", "run/x.bin", b"bytes")
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    engine.download(URI, str(tmp_path / "out.bin"))
+    assert len(calls) == expected
+    assert (tmp_path / "out.bin").read_bytes() == b"bytes"
