@@ -60,7 +60,7 @@ untimed on a tiny array (worker imports, first writes to each store) and a
 fresh SeaweedFS gets min(256, largest size) MiB written twice (it grows its
 first volumes at half speed, a cloud store does not). Nothing is restarted
 between rows; every dispatch runs alone (sequential; the machine has 2 cores).
-The handoff's local files (``workdir/staging/<dispatch_id>/<node_id>/x.npy``)
+The handoff's local files (``workdir/staging/<dispatch_id>/<uri tag>/x.npy``)
 and the floor's (``workdir/floor/<dispatch_id>.npy``) are deleted after each
 row, outside the measurement; the stored objects stay until the servers go.
 This process keeps its HOME: only covalent's own paths (COVALENT_*,
@@ -329,11 +329,10 @@ def _lattices(ct, lot, workdir: Path, kits: dict, buckets: dict) -> dict:
 
     for name, kit in kits.items():
         # Local files below workdir too (the default staging dir is the *client's*
-        # tempdir), per dispatch and node like the default.
-        h = lot.handoff(
-            kit.uri(buckets[name], "{dispatch_id}/x.npy"),
-            local_path=os.path.join(staging, "{dispatch_id}", "{node_id}", "x.npy"),
-        )
+        # tempdir), in the default layout: <staging>/<dispatch_id>/<uri tag>/x.npy,
+        # shared by producer and consumer (on one machine the consumer finds the
+        # verified file there and skips the download; see README "Handoffs").
+        h = lot.handoff(kit.uri(buckets[name], "{dispatch_id}/x.npy"), staging_dir=staging)
         out[(HANDOFF, name)] = (handoff_lattice(h), "produce", "consume")
     return out
 

@@ -15,7 +15,6 @@ memory stays bounded by one read-back chunk.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import os
@@ -59,18 +58,15 @@ class VerifyingSink:
     """A writable, seekable file that hashes what is written, in file order.
 
     Accepts writes at any offset (``seek`` + ``write``, or ``write_at``), as
-    parallel ranged downloads produce them. A background thread hashes the
-    written prefix of the file as it grows, so writers never wait for the hash
-    (it runs beside the network reads: hashlib releases the GIL), and SDKs that
-    write under their own lock are not slowed to hashing speed. Bytes written
-    in order are handed to the thread in memory (at most ``QUEUE_LIMIT``
-    bytes; writers wait beyond that); bytes that arrive out of order are read
-    back from the page cache once the prefix before them is complete.
-    ``hexdigest()`` finishes the hash over the whole file; ``close()`` stops the
-    thread early.
+    parallel ranged downloads produce them. A write that continues the hashed
+    prefix while nothing else waits is hashed right away from memory (one
+    streamed response: no re-read, no hand-off; measured faster here than a
+    hashing thread fed from a queue). Ranges that arrive early are hashed by a
+    background thread that reads them back from the page cache once the gap
+    before them fills, so SDKs writing in parallel under their own lock are not
+    slowed to hashing speed. ``hexdigest()`` finishes the hash over the whole
+    file; ``close()`` stops the thread early.
     """
-
-    QUEUE_LIMIT = 32 * 1024 * 1024
 
     def __init__(self, fileobj: BinaryIO, hashing: bool = True):
         self._f = fileobj
@@ -80,10 +76,6 @@ class VerifyingSink:
         self._ready = 0  # [0, _ready) is written and flushed: the hasher may read it
         self._covered: dict[int, int] = {}  # start -> end of ranges written past _ready
         self._hashed = 0  # [0, _hashed) is hashed (advanced by the hasher thread)
-        # [0, _claimed) is hashed or queued for it; [_claimed, _ready) waits on disk.
-        self._claimed = 0
-        self._queue: collections.deque[bytes] = collections.deque()  # in-order bytes from _hashed
-        self._queued = 0
         self._rehash = False  # writes overlapped: hash the finished file instead
         self._closing = False
         self._failure: BaseException | None = None
@@ -127,10 +119,6 @@ class VerifyingSink:
         view = memoryview(data)
         n = len(view)
         with self._cond:
-            # Bounded memory: in-order writers wait while the hasher is behind.
-            while (self._queued > self.QUEUE_LIMIT and offset == self._claimed
-                   and not (self._failure or self._rehash or self._closing)):
-                self._cond.wait()
             if offset != self._file_pos:
                 self._f.seek(offset)  # a seek flushes the write buffer: only when needed
             self._f.write(view)
@@ -144,16 +132,15 @@ class VerifyingSink:
                 self._rehash = True
                 self._cond.notify_all()
                 return n
+            before = self._ready
             while self._ready in self._covered:
                 self._ready = self._covered.pop(self._ready)
-            if offset == self._claimed and isinstance(data, bytes):
-                # In order: hand the (immutable) bytes to the hasher; no re-read.
-                self._queue.append(data)
-                self._queued += n
-                self._claimed = offset + n
-                self._start_hasher()
-                self._cond.notify_all()
-            if self._ready > self._claimed:
+            if offset == before == self._hashed:
+                # In order with nothing left to hash (the hasher is idle): hash
+                # these bytes from memory; no flush, no re-read, no hand-off.
+                self._hash.update(view)
+                self._hashed = offset + n
+            if self._ready > self._hashed:
                 self._f.flush()  # the hasher reads the file descriptor
                 self._start_hasher()
                 self._cond.notify_all()
@@ -188,27 +175,17 @@ class VerifyingSink:
         try:
             while True:
                 with self._cond:
-                    while not (self._closing or self._rehash or self._queue or self._claimed < self._ready):
+                    while not (self._closing or self._rehash or self._hashed < self._ready):
                         self._cond.wait()
                     if self._closing or self._rehash:
                         return
-                    if self._queue:  # claimed before anything still on disk: in order
-                        chunk = self._queue.popleft()
-                    else:
-                        start, end = self._claimed, min(self._ready, self._claimed + CHUNK)
-                        self._claimed = end
-                        chunk = None
-                if chunk is None:
-                    chunk = os.pread(fd, end - start, start)  # outside the lock: writers go on
-                    if len(chunk) != end - start:
-                        raise OSError(f"short read while verifying {self._f.name!r} at {start}")
-                    queued = 0
-                else:
-                    queued = len(chunk)
+                    start, end = self._hashed, min(self._ready, self._hashed + CHUNK)
+                chunk = os.pread(fd, end - start, start)  # outside the lock: writers go on
+                if not chunk:
+                    raise OSError(f"short read while verifying {self._f.name!r} at {start}")
                 self._hash.update(chunk)
                 with self._cond:
-                    self._hashed += len(chunk)
-                    self._queued -= queued
+                    self._hashed = start + len(chunk)
                     self._cond.notify_all()
         except BaseException as exc:  # noqa: BLE001 - handed to hexdigest()
             with self._cond:

@@ -449,7 +449,7 @@ class _CoalescingWriter:
     def flush(self) -> None:
         if self._buf:
             buf, self._buf = self._buf, bytearray()
-            self._sink.write(bytes(buf))  # immutable: the sink's hasher may keep it a while
+            self._sink.write(buf)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         # The SDK seeks back to 0 when the service transcodes; buffered bytes

@@ -36,41 +36,6 @@ def test_in_order_writes_are_hashed_from_memory_without_a_re_read(tmp_path, monk
         sink.close()
 
 
-def test_queued_bytes_are_bounded(tmp_path, monkeypatch):
-    monkeypatch.setattr(VerifyingSink, "QUEUE_LIMIT", 10_000)
-    gate = threading.Event()
-    real_update = None
-    with atomic_download(str(tmp_path / "out")) as (f, _):
-        sink = VerifyingSink(f)
-        real = sink._hash
-
-        class SlowHash:
-            def update(self, data):
-                gate.wait(5)
-                real.update(data)
-
-            def hexdigest(self):
-                return real.hexdigest()
-
-        sink._hash = SlowHash()
-        done = threading.Event()
-
-        def writer():
-            for i in range(10):
-                sink.write_at(i * 4000, b"z" * 4000)
-            done.set()
-
-        thread = threading.Thread(target=writer)
-        thread.start()
-        time.sleep(0.2)
-        assert not done.is_set() and sink._queued <= 10_000 + 4000  # the writer waits
-        gate.set()
-        thread.join(5)
-        assert done.is_set()
-        assert sink.hexdigest() == hashlib.sha256(b"z" * 40000).hexdigest()
-        sink.close()
-
-
 def test_in_order_then_out_of_order_writes_still_verify(tmp_path):
     blocks = [bytes([i]) * 5000 for i in range(8)]
     order = [0, 1, 3, 2, 5, 4, 6, 7]
