@@ -58,6 +58,9 @@ for _var in [v for v in os.environ if _servers.is_covalent_core_var(v)]:
     # make the client disagree with the private server. COVALENT_LOT_* stay.
     del os.environ[_var]
 os.environ.update(_servers.covalent_client_env(COVALENT_DIR, COVALENT_PORT))
+# Handoff files (the default staging dir) go below the session dir, removed at the
+# end, not into <tempdir>/covalent-lot where every run would leave its arrays.
+os.environ["COVALENT_LOT_STAGING_DIR"] = str(SESSION_DIR / "staging")
 
 # name -> (module file, kit class). A backend joins the contract suite when its
 # kit module is there; LOT_BACKENDS=s3,gcs narrows the run.

@@ -106,7 +106,9 @@ def main() -> int:
     try:
         print(f"starting SeaweedFS and a private Covalent server under {work} ...", flush=True)
         s3 = harness.SeaweedS3(work / "seaweed", aws["AWS_ACCESS_KEY_ID"], aws["AWS_SECRET_ACCESS_KEY"]).start()
-        lot_env = {"COVALENT_LOT_S3_ENDPOINT_URL": s3.endpoint, "COVALENT_LOT_S3_REGION_NAME": "us-east-1"}
+        lot_env = {"COVALENT_LOT_S3_ENDPOINT_URL": s3.endpoint, "COVALENT_LOT_S3_REGION_NAME": "us-east-1",
+                   # handoff files below the demo's temp dir, removed with it
+                   "COVALENT_LOT_STAGING_DIR": str(work / "staging")}
         os.environ.update(lot_env)
         covalent = harness.CovalentServer(work / "covalent", env_extra={**aws, **lot_env}, port=port).start()
         print(f"  S3 at {s3.endpoint} ({s3.start_seconds:.1f} s), Covalent at {covalent.url} "

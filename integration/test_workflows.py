@@ -50,6 +50,7 @@ def node_stderr(result, node_id: int) -> str:
 
 
 def _xattrs_work(directory: str) -> bool:
+    os.makedirs(directory, exist_ok=True)
     fd, probe = tempfile.mkstemp(dir=directory)
     os.close(fd)
     try:
@@ -80,7 +81,7 @@ def test_seed_scenario_256_mib(lot_env, kit, bucket):
     # on the producer's machine and path, finds the verified file already there).
     elsewhere = covalent_lot.download(
         kit.uri(bucket, "runs/{dispatch_id}/features.npy"),
-        os.path.join(tempfile.gettempdir(), "covalent-lot-it", "{dispatch_id}", "{node_id}", "f.npy"))
+        os.path.join(os.environ["COVALENT_LOT_STAGING_DIR"], "copies", "{dispatch_id}", "{node_id}", "f.npy"))
 
     @ct.electron(files=[elsewhere])
     def consume_elsewhere(produced, files=[]):
@@ -97,7 +98,7 @@ def test_seed_scenario_256_mib(lot_env, kit, bucket):
     assert out["consumed"]["sha256"] == out["produced"]["sha256"] == out["copied"]["sha256"]
     assert out["consumed"]["sum"] == out["produced"]["sum"]
     logs = "".join(node_stderr(result, i) for i in range(8))
-    if _xattrs_work(tempfile.gettempdir()):
+    if _xattrs_work(os.environ["COVALENT_LOT_STAGING_DIR"]):
         assert "1 already here" in logs, logs
     assert logs.count("1/1 sha256 verified") >= 1  # the real download
     key = f"runs/{dispatch_id}/features.npy"
