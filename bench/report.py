@@ -262,6 +262,8 @@ def markdown(results: dict) -> str:
         "grows a new bucket's volumes slowly; others: one write of the size measured)",
         f"- small files: {s.get('small_files')} x {s.get('small_file_kib')} KiB; end to end sizes: "
         + (", ".join(str(x) for x in s.get("e2e_sizes_mib", [])) + " MiB" if s.get("e2e_sizes_mib") else "skipped"),
+        *([f"- end to end run at {s['e2e_date']} (`--e2e-only`)"] if s.get("e2e_date") else []),
+        *([f"- re-runs merged in: {s['rerun']}"] if s.get("rerun") else []),
         "- every transfer runs alone in a fresh child process (`bench/throughput.py --child`); SDK "
         "clients are built inside the timed part; MiB/s = size / wall time of the transfer call",
         "- peak RSS = the child's VmHWM minus its VmHWM after imports (the most of the rounds); "
