@@ -192,6 +192,17 @@ def _service_account_file(directory: str) -> str:
     return path
 
 
+def _s3_client(s: dict):
+    """A boto3 client and the TransferConfig covalent-lot uses, from its settings."""
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+
+    client = boto3.client("s3", endpoint_url=s["endpoint_url"], region_name=s["region_name"])
+    return client, TransferConfig(multipart_threshold=s["multipart_threshold"],
+                                  multipart_chunksize=s["multipart_chunksize"],
+                                  max_concurrency=s["max_concurrency"])
+
+
 def _prepare_single(spec: dict) -> Callable[[], Any]:
     """Imports and setup (untimed); returns the timed transfer."""
     backend, tool, direction = spec["backend"], spec["tool"], spec["direction"]
@@ -213,14 +224,10 @@ def _prepare_single(spec: dict) -> Callable[[], Any]:
 
     bucket, key = spec.get("bucket"), spec.get("key")
     if backend == "s3":
-        import boto3
-        from boto3.s3.transfer import TransferConfig
+        import boto3.s3.transfer  # noqa: F401 - imported before the timed call
 
         def run():
-            client = boto3.client("s3", endpoint_url=s["endpoint_url"], region_name=s["region_name"])
-            config = TransferConfig(multipart_threshold=s["multipart_threshold"],
-                                    multipart_chunksize=s["multipart_chunksize"],
-                                    max_concurrency=s["max_concurrency"])
+            client, config = _s3_client(s)
             if up:
                 client.upload_file(path, bucket, key, Config=config)
             else:
@@ -329,14 +336,10 @@ def _folder_sdk(spec: dict) -> Callable[[], Any]:
     names = sorted(os.listdir(folder)) if up else None
 
     if backend == "s3":
-        import boto3
-        from boto3.s3.transfer import TransferConfig
+        import boto3.s3.transfer  # noqa: F401 - imported before the timed call
 
         def run():
-            client = boto3.client("s3", endpoint_url=s["endpoint_url"], region_name=s["region_name"])
-            config = TransferConfig(multipart_threshold=s["multipart_threshold"],
-                                    multipart_chunksize=s["multipart_chunksize"],
-                                    max_concurrency=s["max_concurrency"])
+            client, config = _s3_client(s)
             if up:
                 for name in names:
                     client.upload_file(os.path.join(folder, name), bucket, prefix + name, Config=config)
