@@ -476,14 +476,6 @@ def _combine(runs: list[dict]) -> dict:
 # ------------------------------------------------------------------- environment
 
 
-def _apply_env(env: dict) -> None:
-    for key, value in env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = str(value)
-
-
 def _point_covalent_at(servers, covalent_dir: Path, port: int):
     """Make this process's covalent use the private config; return what to restore.
 
@@ -584,7 +576,7 @@ def run(sizes_mib: list[int], backends: list[str], workdir: Path, quick: bool,
                         server_obj.stop()
                     except Exception:  # noqa: BLE001
                         pass
-        _apply_env(env_extra)  # the client builds transfers with these options
+        servers.apply_env(env_extra)  # the client builds transfers with these options
 
         server = servers.CovalentServer(covalent_dir, env_extra=env_extra, port=port)
         server.start()

@@ -86,17 +86,6 @@ def make_kit(name: str):
     return getattr(kits.load_sibling(module_name), class_name)()
 
 
-def apply_env(env: dict) -> dict:
-    """Set (None: unset) variables; return what to restore."""
-    saved = {k: os.environ.get(k) for k in env}
-    for key, value in env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    return saved
-
-
 def write_ssh_config(kit, work: Path) -> Path:
     """Covalent's Rsync has no port option and ssh reads ~/.ssh/config from the
     passwd home, not $HOME: its children get an ``ssh`` first on PATH that adds
@@ -126,7 +115,7 @@ def run_backend(name: str, args, work: Path, sources: dict, warm_file: Path | No
     saved = {}
     try:
         kit.start(kit_dir)
-        saved = apply_env(kit.env)
+        saved = load_kits_module().load_sibling("_servers").apply_env(kit.env)
         settings = throughput.strategy_settings(kit.uri("settings-probe", "x"))
         info["settings"] = settings
         b = throughput.Backend(name, kit, settings, scratch)
@@ -142,7 +131,7 @@ def run_backend(name: str, args, work: Path, sources: dict, warm_file: Path | No
         info["seconds"] = time.monotonic() - started
         return rows, small, info
     finally:
-        apply_env(saved)
+        load_kits_module().load_sibling("_servers").apply_env(saved)
         try:
             if getattr(kit, "server", None) is not None:  # a failed start stops its own server
                 kit.stop()

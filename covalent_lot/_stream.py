@@ -7,10 +7,10 @@ can be verified end to end wherever it travels, and anyone can check it with
 ``sha256sum``. It is stored with the object as metadata ``lot-sha256``.
 
 Downloads are verified while they stream, also when the SDK writes ranges in
-parallel and out of order: :class:`VerifyingSink` tracks which part of the file
-is written from its start, and a background thread hashes that prefix as it
-grows, reading it back from the page cache. Writers never wait for the hash;
-memory stays bounded by one read-back chunk.
+parallel and out of order: :class:`VerifyingSink` hashes bytes that continue
+the hashed prefix as they are written, and a background thread hashes ranges
+that arrived early, reading them back from the page cache once the gap before
+them fills. Memory stays bounded by one read-back chunk.
 """
 
 from __future__ import annotations

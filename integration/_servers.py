@@ -78,6 +78,17 @@ def _can_bind(port: int) -> bool:
     return True
 
 
+def apply_env(env: Mapping[str, Optional[str]]) -> dict:
+    """Set (None: unset) variables in os.environ; return what to restore."""
+    saved = {key: os.environ.get(key) for key in env}
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = str(value)
+    return saved
+
+
 def free_port(avoid_offsets: Iterable[int] = (10000,)) -> int:
     """Return a free 127.0.0.1 TCP port ``p`` with ``p + offset`` free too.
 

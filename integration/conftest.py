@@ -108,17 +108,6 @@ def pytest_collection_modifyitems(session, config, items):
             _NEEDED.add(callspec.params["kit"])
 
 
-def _apply_env(env: dict) -> dict:
-    """Set/unset variables in os.environ; return what to restore."""
-    saved = {key: os.environ.get(key) for key in env}
-    for key, value in env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    return saved
-
-
 @pytest.fixture(scope="session")
 def lot_session_dir() -> Path:
     """The session's private temp dir (covalent config, server data, logs)."""
@@ -138,11 +127,11 @@ def kits(lot_session_dir):
             kit = getattr(module, class_name)()
             kit.start(lot_session_dir / name)
             started[name] = kit
-            for key, value in _apply_env(kit.env).items():
+            for key, value in _servers.apply_env(kit.env).items():
                 saved.setdefault(key, value)
         yield started
     finally:
-        _apply_env(saved)
+        _servers.apply_env(saved)
         for kit in started.values():
             kit.stop()
 
