@@ -131,11 +131,14 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def get_into(self, obj: RemoteObject, sink: VerifyingSink) -> RemoteObject:
-        """Stream ``obj`` into ``sink`` (any write order); return what was read.
+    def get_into(self, obj: RemoteObject, sink: VerifyingSink, start: int = 0) -> RemoteObject:
+        """Stream bytes ``[start, size)`` of ``obj`` into ``sink`` at their offsets
+        (any write order); return what was read.
 
-        The returned object's ``sha256`` is the stored checksum as seen by the
-        read itself (it may be None if ``obj`` came from a listing).
+        ``start`` > 0 resumes a failed attempt (then ``obj.version`` pins the
+        read to the same version). The returned object's ``sha256`` is the
+        stored checksum as seen by the read itself (it may be None if ``obj``
+        came from a listing), its ``size`` the whole object's.
         """
 
     @abstractmethod
@@ -369,30 +372,26 @@ class Engine:
                 stats.kept += 1
             return
 
-        def attempt() -> RemoteObject:
-            # Each attempt starts a fresh temporary file: a retried transfer
-            # never mixes bytes of two attempts.
-            with atomic_download(local_path, fsync=bool(self.backend.settings.get("fsync", False))) as (f, _temp):
-                sink = VerifyingSink(f, hashing=self.verify)
-                try:
-                    seen = self.backend.get_into(obj, sink)
-                    expected = seen.sha256 if seen.sha256 is not None else obj.sha256
-                    actual = sink.hexdigest() if self.verify and expected is not None else None
-                finally:
-                    sink.close()
-                if actual is not None:
-                    if actual != expected:
-                        raise ChecksumMismatchError(
-                            f"checksum mismatch for {obj.location}: stored sha256 {expected}, "
-                            f"received {actual} ({sink.bytes_written} bytes); the object was "
-                            f"changed or corrupted. {local_path!r} was left untouched."
-                        )
-                    if self._reuse_local:
-                        f.flush()  # the recorded mtime is the final one
-                        mark_verified(f.fileno(), actual)
-                return seen
-
-        seen = self._guard("download", str(obj.location), attempt, stats)
+        fsync = bool(self.backend.settings.get("fsync", False))
+        with atomic_download(local_path, fsync=fsync) as (f, _temp):
+            sink = VerifyingSink(f, hashing=self.verify)
+            try:
+                seen = self._guard("download", str(obj.location),
+                                   lambda: self._get_resuming(obj, sink), stats)
+                expected = seen.sha256 if seen.sha256 is not None else obj.sha256
+                actual = sink.hexdigest() if self.verify and expected is not None else None
+            finally:
+                sink.close()
+            if actual is not None:
+                if actual != expected:
+                    raise ChecksumMismatchError(
+                        f"checksum mismatch for {obj.location}: stored sha256 {expected}, "
+                        f"received {actual} ({sink.bytes_written} bytes); the object was "
+                        f"changed or corrupted. {local_path!r} was left untouched."
+                    )
+                if self._reuse_local:
+                    f.flush()  # the recorded mtime is the final one
+                    mark_verified(f.fileno(), actual)
         with self._count:
             stats.files += 1
             stats.bytes += seen.size
@@ -400,6 +399,21 @@ class Engine:
                 stats.verified += 1
             else:
                 stats.unverified.append(str(obj.location))
+
+    def _get_resuming(self, obj: RemoteObject, sink: VerifyingSink) -> RemoteObject:
+        """One download attempt; a retry resumes where the last one stopped.
+
+        The bytes already received in order stay in the temporary file when the
+        read is pinned to one version of the object (``obj.version``) and the
+        whole is checked against the stored sha256 at the end; otherwise the
+        attempt starts over. Either way nothing reaches the destination unchecked.
+        """
+        start = sink.rewind(keep_prefix=self.verify and obj.version is not None)
+        if start and start >= obj.size:
+            start = sink.rewind(keep_prefix=False)  # nothing left to ask for: read it all again
+        if start:
+            log.info("download %s: resuming at byte %d of %d", obj.location, start, obj.size)
+        return self.backend.get_into(obj, sink, start)
 
     # --- copy -----------------------------------------------------------------------------
     def copy(self, source: StoreURI, destination: StoreURI) -> TransferStats:

@@ -204,6 +204,32 @@ class VerifyingSink:
         """Stop hashing (idempotent); the file object itself stays open."""
         self._stop_hasher()
 
+    def rewind(self, keep_prefix: bool = True) -> int:
+        """Prepare for another attempt after a failed one; return the offset to resume at.
+
+        With ``keep_prefix`` the bytes written in order from offset 0 without a gap
+        stay (their hash is kept); ranges that arrived early, past a gap, are cut
+        off with the rest of the file. Without it the file and the hash start over.
+        Call it only while no writer is active (between attempts).
+        """
+        self._stop_hasher()
+        with self._cond:
+            if self._failure is not None:
+                keep_prefix = False  # the hasher failed: its state cannot be trusted
+            if not keep_prefix:
+                self._ready = self._hashed = 0
+                self._rehash = False
+                self._failure = None
+                if self._hash is not None:
+                    self._hash = hashlib.sha256()
+            self._closing = False
+            self._covered.clear()
+            self._f.flush()
+            self._f.truncate(self._ready)
+            self._f.seek(self._ready)
+            self._file_pos = self._pos = self._ready
+            return self._ready
+
     def hexdigest(self) -> str | None:
         """sha256 of the whole file as written; None when hashing is off."""
         if self._hash is None:

@@ -24,7 +24,7 @@ import errno
 import logging
 import os
 import threading
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from covalent_lot._stream import VerifyingSink
 
@@ -188,18 +188,19 @@ class AsyncsshConnection:
 
     # --- bulk data ----------------------------------------------------------------------
     def transfer(self, path: str, size: int, *, sink: VerifyingSink | None = None,
-                 upload_fd: int | None = None) -> None:
-        if size == 0:
+                 upload_fd: int | None = None, start: int = 0,
+                 on_written: Callable[[int, int], None] | None = None) -> None:
+        if size <= start:
             return
         try:
-            self.run(self._download(path, size, sink) if sink is not None
-                     else self._upload(path, size, upload_fd), timeout=None)
+            self.run(self._download(path, start, size, sink) if sink is not None
+                     else self._upload(path, start, size, upload_fd, on_written), timeout=None)
         except BaseException as exc:
             if not isinstance(exc, OSError) or isinstance(exc, (TimeoutError, ConnectionError)):
                 self.close()  # a reply may be half read: the engine's retry opens a fresh one
             raise
 
-    async def _download(self, path: str, size: int, sink: VerifyingSink) -> None:
+    async def _download(self, path: str, start: int, size: int, sink: VerifyingSink) -> None:
         async def get(f, offset: int, length: int) -> None:
             while length:
                 data = await f.read(length, offset)
@@ -209,9 +210,10 @@ class AsyncsshConnection:
                 offset += len(data)
                 length -= len(data)
 
-        await self._pipeline(path, "rb", size, get)
+        await self._pipeline(path, "rb", start, size, get)
 
-    async def _upload(self, path: str, size: int, fd: int) -> None:
+    async def _upload(self, path: str, start: int, size: int, fd: int,
+                      on_written: Callable[[int, int], None] | None) -> None:
         # (The engine hashes the file in a thread alongside: measured faster on
         # two cores than hashing these same bytes here, on the loop's thread.)
         async def put(f, offset: int, length: int) -> None:
@@ -219,12 +221,14 @@ class AsyncsshConnection:
             if len(data) != length:
                 raise OSError(f"upload source shrank while it was read (at {offset})")
             await f.write(data, offset)
+            if on_written is not None:
+                on_written(offset, length)
 
-        await self._pipeline(path, "r+b", size, put)
+        await self._pipeline(path, "r+b", start, size, put)
 
-    async def _pipeline(self, path: str, mode: str, size: int, step) -> None:
-        """Run ``step(file, offset, length)`` for each request-sized range of ``size``
-        bytes, at most ``depth`` at a time: bytes held are bounded by
+    async def _pipeline(self, path: str, mode: str, start: int, size: int, step) -> None:
+        """Run ``step(file, offset, length)`` for each request-sized range of bytes
+        ``[start, size)``, at most ``depth`` at a time: bytes held are bounded by
         depth * request_size whatever the file size. (block_size=0 makes each
         read/write one SFTP request; replies are handled as they arrive.)
         """
@@ -244,7 +248,7 @@ class AsyncsshConnection:
 
         async with await self.sftp.open(path, mode, block_size=0) as f:
             try:
-                for offset in range(0, size, request):
+                for offset in range(start, size, request):
                     if slots.locked():  # all requests in flight: the server must answer in time
                         await asyncio.wait_for(slots.acquire(), timeout)
                     else:

@@ -521,7 +521,7 @@ class AzureBackend(Backend):
                         futures.append(pool.submit(stage, item))
         return ids
 
-    def get_into(self, obj: RemoteObject, sink: VerifyingSink) -> RemoteObject:
+    def get_into(self, obj: RemoteObject, sink: VerifyingSink, start: int = 0) -> RemoteObject:
         from azure.core import MatchConditions
 
         conditions: dict[str, Any] = {}
@@ -530,12 +530,13 @@ class AzureBackend(Backend):
             conditions = {"etag": _quoted(obj.version), "match_condition": MatchConditions.IfNotModified}
         with self._naming(obj.location.bucket):
             downloader = self._blob(obj.location).download_blob(
-                max_concurrency=self.settings["max_concurrency"], **conditions
+                offset=start or None, max_concurrency=self.settings["max_concurrency"], **conditions
             )
-            # Ranges are written (seek + write) in parallel into the sink, never readall().
+            # Ranges are written (seek + write, relative to where the sink stands:
+            # ``start``) in parallel into the sink, never readall().
             downloader.readinto(sink)
         props = downloader.properties
-        return RemoteObject(obj.location, props.size, _checksum(props.metadata), props.etag)
+        return RemoteObject(obj.location, start + downloader.size, _checksum(props.metadata), props.etag)
 
     def copy(self, source: RemoteObject, destination: StoreURI) -> None:
         from azure.core import MatchConditions

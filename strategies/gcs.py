@@ -10,19 +10,24 @@ Credentials are never options: a ``credentials_file`` *path* (read on the
 executor), else Application Default Credentials resolved on the executor when
 the transfer runs; with an ``endpoint`` (an emulator) and no file, anonymous.
 
-Retries belong to the engine: every SDK call here passes ``retry=None``.
+Retries belong to the engine (every other SDK call passes ``retry=None``),
+except within an upload: each request of a resumable upload is retried on
+its own with the same policy, so a dropped connection costs one chunk, not
+the whole object.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from covalent_lot._config import Option
 from covalent_lot._engine import Backend, RemoteObject
 from covalent_lot._errors import ChecksumMismatchError, Classified, ErrorKind, exception_chain
 from covalent_lot._errors import MissingBucket as _MissingBucket
+from covalent_lot._retry import RetryPolicy
 from covalent_lot._stream import CHECKSUM_KEY, VerifyingSink
 from covalent_lot._strategy import LotStrategy
 from covalent_lot._uri import StoreURI
@@ -35,6 +40,7 @@ MiB = 1024 * KiB
 # multiple of 256 KiB.
 CHUNK_MULTIPLE = 256 * KiB
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
+log = logging.getLogger("covalent_lot")
 _SCOPES = ("https://www.googleapis.com/auth/devstorage.read_write",)
 
 OPTIONS: dict[str, Option] = {
@@ -202,7 +208,8 @@ class GCSBackend(Backend):
                 # Streams chunk by chunk from the file; the object is created
                 # only when the final chunk is accepted.
                 blob.upload_from_file(
-                    f, size=size, timeout=self._timeout, checksum=self._crc32c, retry=None
+                    f, size=size, timeout=self._timeout, checksum=self._crc32c,
+                    retry=_PerRequestRetry(self),
                 )
         except Exception as exc:
             if _is_not_found(exc):  # an upload is 404 only for the bucket
@@ -213,7 +220,7 @@ class GCSBackend(Backend):
                 self._delete_quietly(location, _generation_in(exc))
             raise
 
-    def get_into(self, obj: RemoteObject, sink: VerifyingSink) -> RemoteObject:
+    def get_into(self, obj: RemoteObject, sink: VerifyingSink, start: int = 0) -> RemoteObject:
         location = obj.location
         if obj.version is None:
             obj = self.stat(location)
@@ -225,8 +232,10 @@ class GCSBackend(Backend):
             # of exactly the generation whose lot-sha256 we hold.
             blob.download_to_file(
                 writer,
+                start=start or None,  # a resumed download: the rest only
                 timeout=self._timeout,
-                checksum=None if verified_by_sha256 else self._crc32c,
+                # (a crc32c covers whole objects only)
+                checksum=None if verified_by_sha256 or start else self._crc32c,
                 retry=None,
             )
             writer.flush()
@@ -425,6 +434,30 @@ def _generation_in(exc: BaseException) -> int | None:
         return int(exc.response.json()["generation"])  # type: ignore[attr-defined]
     except Exception:
         return None
+
+
+class _PerRequestRetry:
+    """Retries one request of an upload, as the SDK asks: it wraps each request
+    (the session start, every chunk) with ``retry(request)``. A chunk that failed
+    transiently is sent again on its own; the session goes on from the offset the
+    service confirmed. Same policy and error table as the engine's retries."""
+
+    def __init__(self, backend: "GCSBackend"):
+        settings = backend.settings
+        self._policy = RetryPolicy(settings["max_attempts"], settings["base_delay"], settings["max_delay"])
+        self._backend = backend
+
+    def _transient(self, exc: BaseException) -> bool:
+        verdict = self._backend.classify(exc)
+        return verdict is not None and verdict.transient
+
+    @staticmethod
+    def _note(attempt: int, exc: BaseException, wait: float) -> None:
+        log.warning("upload request failed (%s); sending it again in %.1f s (attempt %d)",
+                    type(exc).__name__, wait, attempt + 1)
+
+    def __call__(self, request: Callable[[], Any]) -> Callable[[], Any]:
+        return lambda: self._policy.run(request, self._transient, self._note)
 
 
 class _CoalescingWriter:

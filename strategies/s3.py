@@ -164,15 +164,18 @@ class S3Backend(Backend):
         self.client.upload_file(local_path, location.bucket, location.key,
                                  ExtraArgs=extra, Config=self._transfer)
 
-    def get_into(self, obj: RemoteObject, sink: VerifyingSink) -> RemoteObject:
+    def get_into(self, obj: RemoteObject, sink: VerifyingSink, start: int = 0) -> RemoteObject:
         location = obj.location
-        if obj.size < self._transfer.multipart_threshold or not self.settings["ranged_downloads"]:
+        if start or obj.size < self._transfer.multipart_threshold or not self.settings["ranged_downloads"]:
             # One GET returns data and metadata: no separate HEAD. Its bytes come in
             # order, so the sink hashes them as they pass (no re-read). (For large
-            # objects ranged GETs measured faster, even on loopback.)
+            # objects ranged GETs measured faster, even on loopback.) A resumed
+            # download asks for the rest only.
             args = {"Bucket": location.bucket, "Key": location.key}
             if obj.version:
                 args["IfMatch"] = obj.version
+            if start:
+                args["Range"] = f"bytes={start}-"
             response = self.client.get_object(**args)
             body = response["Body"]
             try:
@@ -180,11 +183,13 @@ class S3Backend(Backend):
                     sink.write(chunk)
             finally:
                 body.close()
-            return self._object(location, response)
+            seen = self._object(location, response)
+            return RemoteObject(location, start + seen.size, seen.sha256, seen.version)
         if obj.sha256 is None:
             obj = self.stat(location)  # a listing has no metadata; the checksum is in HEAD
         # boto3 writes ranges in parallel (seek + write); the sink hashes them.
-        # It pins the ranged GETs to the ETag it sees (IfMatch) by itself.
+        # It pins the ranged GETs to the ETag it sees (IfMatch) by itself, and
+        # retries a failed range on its own.
         self.client.download_fileobj(location.bucket, location.key, sink, Config=self._transfer)
         return obj
 

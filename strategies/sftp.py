@@ -45,7 +45,7 @@ import stat as stat_module
 import threading
 import uuid
 from collections import deque
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from covalent_lot._config import Option
 from covalent_lot._engine import Backend, RemoteObject
@@ -160,6 +160,26 @@ def _partial_path(path: str) -> str:
     return posixpath.join(parent, f".{name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
 
 
+class _Unfinished:
+    """An upload's partial remote file and the bytes the server confirmed in it.
+
+    ``prefix``: every byte of ``[0, prefix)`` was written and acknowledged, so
+    a retry after a dropped connection resumes there instead of starting over.
+    """
+
+    def __init__(self, partial: str, start: int = 0):
+        self.partial = partial
+        self.prefix = start
+        self._done: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def written(self, offset: int, length: int) -> None:
+        with self._lock:
+            self._done[offset] = offset + length
+            while self.prefix in self._done:
+                self.prefix = self._done.pop(self.prefix)
+
+
 def _host_label(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
@@ -267,12 +287,14 @@ class _Connection:
 
     # --- bulk data ----------------------------------------------------------------------
     def transfer(self, path: str, size: int, *, sink: VerifyingSink | None = None,
-                 upload_fd: int | None = None) -> None:
-        """Move ``size`` bytes of ``path`` over several channels, ``chunk_size`` at a time."""
+                 upload_fd: int | None = None, start: int = 0,
+                 on_written: Callable[[int, int], None] | None = None) -> None:
+        """Move bytes ``[start, size)`` of ``path`` over several channels, ``chunk_size``
+        at a time; ``on_written(offset, length)`` for each write the server confirmed."""
         chunk = self.settings["chunk_size"]
-        blocks = max(1, -(-size // chunk))
+        blocks = max(1, -(-(size - start) // chunk))
         workers = max(1, min(self.settings["max_concurrency"], blocks))
-        state = {"next": 0, "error": None}
+        state = {"next": start, "error": None}
         lock = threading.Lock()
 
         def take() -> tuple[int, int] | None:
@@ -286,7 +308,7 @@ class _Connection:
         def run(first: bool) -> None:
             sftp = self.primary if first else self.channel()
             try:
-                self._channel_worker(sftp, path, take, sink, upload_fd)
+                self._channel_worker(sftp, path, take, sink, upload_fd, on_written)
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 with lock:
                     if state["error"] is None:
@@ -295,7 +317,7 @@ class _Connection:
                 if not first and self.active:
                     self.release(sftp)
 
-        if size == 0:
+        if size <= start:
             return
         threads = [threading.Thread(target=run, args=(False,), name=f"covalent-lot-sftp-{i}", daemon=True)
                    for i in range(1, workers)]
@@ -314,7 +336,7 @@ class _Connection:
                 self.transport.close()
             raise error
 
-    def _channel_worker(self, sftp, path, take, sink, upload_fd) -> None:
+    def _channel_worker(self, sftp, path, take, sink, upload_fd, on_written) -> None:
         from paramiko.sftp import CMD_DATA, CMD_READ, CMD_STATUS, CMD_WRITE
         from paramiko.sftp_client import int64
 
@@ -354,6 +376,8 @@ class _Connection:
                     if t != CMD_STATUS:
                         raise OSError(f"unexpected SFTP reply {t} to a write of {path}")
                     _status_error(sftp, msg)
+                    if on_written is not None:
+                        on_written(offset, length)
                     continue
                 if t == CMD_DATA:
                     data = msg.get_string()
@@ -397,6 +421,8 @@ class SFTPBackend(Backend):
     def __init__(self, settings: Mapping[str, Any]):
         super().__init__(settings)
         self._authority: str | None = None
+        # (local path, remote path, size) -> an upload a dropped connection cut short
+        self._unfinished: dict[tuple[str, str, int], _Unfinished] = {}
 
     # --- connection ---------------------------------------------------------------------
     def _target(self) -> tuple[str | None, str, int]:
@@ -698,23 +724,43 @@ class SFTPBackend(Backend):
             raise IsADirectoryError(errno.EISDIR, f"{location} names a folder")
         self._makedirs(conn, posixpath.dirname(path))
         sftp = conn.primary
-        partial = _partial_path(path)
-        try:
-            with sftp.open(partial, "wb"):
+        job = (local_path, path, size)
+        upload = self._resumable(sftp, self._unfinished.pop(job, None))
+        if upload is None:
+            upload = _Unfinished(_partial_path(path))
+            with sftp.open(upload.partial, "wb"):
                 pass
+        try:
             with open(local_path, "rb") as f:
-                conn.transfer(partial, size, upload_fd=f.fileno())
+                conn.transfer(upload.partial, size, upload_fd=f.fileno(), start=upload.prefix,
+                              on_written=upload.written)
             if sha256 is not None:
                 self._write_sidecar(conn, path, sha256() if callable(sha256) else sha256)
             else:
                 self._remove_quietly(sftp, sidecar_path(path))  # never a stale checksum
-            self._rename(conn, partial, path)
+            self._rename(conn, upload.partial, path)
         except BaseException:
             if conn.active:
-                self._remove_quietly(sftp, partial)
+                self._remove_quietly(sftp, upload.partial)
+            else:
+                # The connection dropped: the engine's retry (same backend, same
+                # file) goes on from the confirmed bytes in the partial file.
+                self._unfinished[job] = upload
             raise
 
-    def get_into(self, obj: RemoteObject, sink: VerifyingSink) -> RemoteObject:
+    def _resumable(self, sftp, upload: _Unfinished | None) -> _Unfinished | None:
+        """``upload`` if its partial file still holds the confirmed bytes, else None."""
+        if upload is None or not upload.prefix:
+            return upload
+        try:
+            if sftp.stat(upload.partial).st_size >= upload.prefix:
+                log.info("upload to %s: resuming at byte %d", upload.partial, upload.prefix)
+                return upload
+        except OSError:
+            pass
+        return None
+
+    def get_into(self, obj: RemoteObject, sink: VerifyingSink, start: int = 0) -> RemoteObject:
         conn = self._conn(obj.location)
         path = remote_path(obj.location)
         try:
@@ -722,7 +768,7 @@ class SFTPBackend(Backend):
         except FileNotFoundError as exc:
             self._missing(conn, path, exc)
             raise
-        conn.transfer(path, size, sink=sink)
+        conn.transfer(path, size, sink=sink, start=start)
         return RemoteObject(obj.location, size, obj.sha256, obj.version)
 
     def copy(self, source: RemoteObject, destination: StoreURI) -> None:

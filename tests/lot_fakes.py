@@ -83,6 +83,8 @@ class MemoryBackend(Backend):
         # Called with the local path while put_file streams it.
         self.during_put: Callable[[str], None] | None = None
         self.closed = False
+        self.starts: list[int] = []  # the start offset of each get_into (resumed reads > 0)
+        self.served = 0  # bytes get_into wrote, all attempts together
 
     # --- helpers for tests ---------------------------------------------------------------
     def add(self, bucket: str, key: str, data: bytes, sha256: str | None | bool = True) -> None:
@@ -134,11 +136,12 @@ class MemoryBackend(Backend):
         self.objects[(location.bucket, location.key)] = Stored(
             b"".join(parts), sha256, f'"v{next(_versions)}"')
 
-    def get_into(self, obj: RemoteObject, sink: VerifyingSink) -> RemoteObject:
+    def get_into(self, obj: RemoteObject, sink: VerifyingSink, start: int = 0) -> RemoteObject:
         self.calls["get_into"] += 1
+        self.starts.append(start)
         stored = self._get(obj.location)
         data = self.serve_instead.get(obj.location.key, stored.data)
-        offsets = list(range(0, len(data), self.chunk))
+        offsets = list(range(start, len(data), self.chunk))
         if self.reverse_writes:
             offsets.reverse()
         failure = self.read_failures.pop(0) if self.read_failures else None
@@ -147,6 +150,7 @@ class MemoryBackend(Backend):
                 raise failure
             sink.seek(offset)
             sink.write(data[offset:offset + self.chunk])
+            self.served += len(data[offset:offset + self.chunk])
         if failure is not None:
             raise failure
         return RemoteObject(obj.location, len(stored.data), stored.sha256, stored.version)

@@ -50,10 +50,10 @@ class SlowBackend(MemoryBackend):
         finally:
             self._leave()
 
-    def get_into(self, obj, sink):
+    def get_into(self, obj, sink, start=0):
         self._enter(obj.location.key)
         try:
-            return super().get_into(obj, sink)
+            return super().get_into(obj, sink, start)
         finally:
             self._leave()
 
