@@ -63,12 +63,12 @@ def _parse_bool(value: Any) -> bool:
 
 def _parse_int(value: Any) -> int:
     if isinstance(value, bool):
-        raise ValueError(f"not an integer: {value!r}")
+        raise ValueError(f"not an integer: {value!r} (use a whole number such as 8)")
     if isinstance(value, int):
         return value
     if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
         return int(value)
-    raise ValueError(f"not an integer: {value!r}")
+    raise ValueError(f"not an integer: {value!r} (use a whole number such as 8)")
 
 
 def _parse_float(value: Any) -> float:
@@ -81,16 +81,16 @@ def _parse_float(value: Any) -> float:
         except ValueError:
             pass
     if number is None:
-        raise ValueError(f"not a number: {value!r}")
+        raise ValueError(f"not a number: {value!r} (use e.g. 30 or 2.5)")
     if not math.isfinite(number):
-        raise ValueError(f"not a finite number: {value!r}")
+        raise ValueError(f"not a finite number: {value!r} (use e.g. 30 or 2.5)")
     return number
 
 
 def _parse_str(value: Any) -> str:
     if isinstance(value, str):
         return value
-    raise ValueError(f"not a string: {value!r}")
+    raise ValueError(f"not a string: {value!r} (quote it in covalent.conf)")
 
 
 PARSERS: dict[str, Callable[[Any], Any]] = {
@@ -174,8 +174,11 @@ class Settings(Mapping[str, Any]):
 
 
 def _suggest(name: str, known) -> str:
+    """'; did you mean X?', or the known names when none is close."""
     close = difflib.get_close_matches(name, list(known), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; known names: {', '.join(sorted(known))}"
 
 
 def _conf_lot() -> dict:
@@ -210,6 +213,9 @@ def resolve(
     for name, value in conf.items():
         if isinstance(value, Mapping) and name in BACKEND_SECTIONS:
             continue
+        if isinstance(value, Mapping):  # a table: a backend section, mistyped
+            raise ValueError(f"covalent.conf: unknown key {name!r} in [lot] (section "
+                             f"[lot.{name}]){_suggest(name, BACKEND_SECTIONS)}")
         if name not in COMMON_OPTIONS:
             hint = _suggest(name, list(COMMON_OPTIONS) + list(BACKEND_SECTIONS))
             raise ValueError(f"covalent.conf: unknown key {name!r} in [lot]{hint}")

@@ -163,6 +163,7 @@ class Backend(ABC):
 
 def local_path_for_key(root: str, relative_key: str, uri: str) -> str:
     """Map a key below a folder onto a path below ``root``, refusing escapes."""
+    shown = uri if uri.isprintable() else repr(uri)  # a NUL or newline, visibly
     if (
         not relative_key
         or relative_key.startswith("/")
@@ -171,13 +172,17 @@ def local_path_for_key(root: str, relative_key: str, uri: str) -> str:
         or any(part in ("", ".", "..") for part in relative_key.split("/"))
     ):
         raise ValueError(
-            f"refusing to download {uri}: its key maps outside the destination folder "
-            f"{root!r} (empty, '.' or '..' segments, absolute or backslash paths)"
+            f"refusing to download {shown}: its key maps outside the destination folder "
+            f"{root!r} (empty, '.' or '..' segments, absolute or backslash paths); rename the "
+            "object, or download it on its own to a path you choose"
         )
     root_abs = os.path.realpath(root)
     path = os.path.realpath(os.path.join(root_abs, *relative_key.split("/")))
     if os.path.commonpath([root_abs, path]) != root_abs:
-        raise ValueError(f"refusing to download {uri}: it resolves to {path!r}, outside {root!r}")
+        raise ValueError(
+            f"refusing to download {shown}: it resolves to {path!r}, outside {root!r} (a symbolic "
+            "link in the destination?); rename the object, or download it on its own to a path you choose"
+        )
     return path
 
 
@@ -281,11 +286,15 @@ class Engine:
             self._each(files, lambda item: self._upload_one(item[0], destination.child(item[1]), stats))
         elif os.path.isfile(local_path):
             if destination.is_folder:
+                _require_utf8(os.path.basename(local_path), local_path)
                 destination = destination.child(os.path.basename(local_path))
                 stats.destination = str(destination)
             self._upload_one(local_path, destination, stats)
         elif os.path.exists(local_path):
-            raise ValueError(f"upload source {local_path!r} is neither a file nor a folder")
+            raise ValueError(
+                f"upload source {local_path!r} is neither a file nor a folder; upload a regular "
+                "file or a folder"
+            )
         else:
             raise FileNotFoundError(
                 f"upload source {local_path!r} does not exist (did the electron write it?)"
@@ -336,6 +345,11 @@ class Engine:
         started = time.perf_counter()
         stats = TransferStats("download", str(source), local_path)
         if source.is_folder:
+            if os.path.exists(local_path) and not os.path.isdir(local_path):
+                raise NotADirectoryError(
+                    f"download destination {local_path!r} is a file but {source} is a folder; "
+                    "give a folder path, or a URI without the final '/' to download one object"
+                )
             jobs = []
             for obj in self._list(source, stats):
                 relative = obj.location.key[len(source.key):]
@@ -467,4 +481,16 @@ def _walk_files(root: str) -> Iterator[tuple[str, str]]:
                     "(links are not followed; copy the target into the folder instead)"
                 )
             relative = os.path.relpath(full, root).replace(os.sep, "/")
+            _require_utf8(relative, full)
             yield full, posixpath.normpath(relative)
+
+
+def _require_utf8(name: str, path: str) -> None:
+    """Refuse a local name with undecodable bytes before anything is sent."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"refusing to upload {path!r}: its name is not valid UTF-8, which object stores "
+            "cannot hold; rename it"
+        ) from None

@@ -34,6 +34,17 @@ STRATEGIES: dict[str, str] = {
 }
 
 
+def key_too_long(location: StoreURI, service: str, limit: int, unit: str = "bytes of UTF-8") -> ValueError:
+    """The error for a key longer than the service allows (the key shown cut short)."""
+    key = location.key
+    length = len(key.encode("utf-8")) if unit.startswith("bytes") else len(key)
+    shown = f"{key[:60]!r}... ({length} {unit.split()[0]})"
+    return ValueError(
+        f"{service} names are at most {limit} {unit}; the key {shown} in "
+        f"{location.scheme}://{location.bucket}/ is longer: shorten it"
+    )
+
+
 def _load(path: str) -> Any:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)

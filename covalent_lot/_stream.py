@@ -38,6 +38,13 @@ CHECKSUM_KEY = "lot-sha256"
 TEMP_MARK = ".lot-partial-"
 
 
+def temp_name(name: str) -> str:
+    """``.<name>.lot-partial-<random>``, with ``name`` cut so the whole fits in 255
+    bytes (the usual limit of one path segment) however long ``name`` is."""
+    stem = os.fsencode(name)[:200].decode("utf-8", "ignore") if len(os.fsencode(name)) > 200 else name
+    return f".{stem}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
+
+
 def sha256_file(path: str) -> tuple[str, int]:
     """sha256 hex digest and size of a local file, read in bounded chunks."""
     digest = hashlib.sha256()
@@ -303,10 +310,14 @@ def atomic_download(final_path: str, fsync: bool = True) -> Iterator[tuple[Binar
             "or a URI ending with '/' to download a folder"
         )
     parent = os.path.dirname(os.path.abspath(final_path))
-    os.makedirs(parent, exist_ok=True)
-    temp_path = os.path.join(
-        parent, f".{os.path.basename(final_path)}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
-    )
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise NotADirectoryError(
+            f"download destination {final_path!r}: {parent!r} cannot be a folder, a part of it "
+            "is a file; remove that file or choose another destination"
+        ) from exc
+    temp_path = os.path.join(parent, temp_name(os.path.basename(final_path)))
     f = open(temp_path, "xb+", buffering=1024 * 1024)
     try:
         yield f, temp_path

@@ -31,7 +31,10 @@ def check_template(text: str, what: str) -> None:
             )
     stripped = _BRACES.sub("", text)
     if "{" in stripped or "}" in stripped:
-        raise ValueError(f"{what} {text!r} has an unbalanced brace")
+        raise ValueError(
+            f"{what} {text!r} has an unbalanced brace; placeholders are written "
+            "{dispatch_id} or {node_id}, with single braces"
+        )
 
 
 def render(text: str, values: dict[str, str]) -> str:
@@ -63,7 +66,9 @@ class StoreURI:
     def child(self, relative: str) -> "StoreURI":
         """The object ``relative`` below this folder."""
         if not self.is_folder:
-            raise ValueError(f"{self} is not a folder URI (it does not end with '/')")
+            raise ValueError(
+                f"{self} is not a folder URI (it does not end with '/'); use {self}/ for a folder"
+            )
         return StoreURI(self.scheme, self.bucket, self.key + relative)
 
     def as_folder(self) -> "StoreURI":
@@ -89,27 +94,35 @@ def parse_uri(uri: str, schemes: tuple[str, ...] | None = None) -> StoreURI:
         raise bad("expected scheme://bucket/key, e.g. s3://my-bucket/runs/data.npy")
     scheme = match.group(1).lower()
     if schemes is not None and scheme not in schemes:
-        raise bad(f"scheme {scheme!r} is not one of {', '.join(schemes)}")
+        raise bad(
+            f"scheme {scheme!r} is not one of {', '.join(schemes)}; use the strategy for "
+            f"{scheme}:// (covalent_lot.strategy_for picks it from the URI)"
+        )
     rest = uri[match.end():]
-    if _CONTROL.search(rest):
-        raise bad("control characters are not allowed")
+    control = _CONTROL.search(rest)
+    if control:
+        raise bad(f"control characters are not allowed (found {control.group()!r}); remove them")
     if "?" in rest or "#" in rest:
         raise bad("query strings and fragments ('?', '#') are not supported; pass options as arguments")
     bucket, sep, key = rest.partition("/")
     if not bucket:
-        raise bad("no bucket name")
+        raise bad(f"no bucket name; expected {scheme}://bucket/key")
     if not sep:
         raise bad(f"no key; use {scheme}://{bucket}/ for the whole bucket as a folder")
     if key.startswith("/"):
-        raise bad("the key starts with '/' (empty path segment)")
+        raise bad("the key starts with '/' (empty path segment); write one '/' after the bucket")
     segments = key.split("/")
     inner = segments[:-1] if key.endswith("/") else segments
     for segment in inner:
         if segment == "" and key:
-            raise bad("empty path segment ('//')")
+            raise bad("empty path segment ('//'); join path segments with a single '/'")
         if segment in (".", ".."):
-            raise bad(f"'{segment}' path segments are not allowed")
+            raise bad(
+                f"'{segment}' path segments are not allowed; write the key in full, without them"
+            )
     check_template(key, "key of URI")
     if _BRACES.search(bucket):
-        raise bad("placeholders are only resolved in the key, not in the bucket name")
+        raise bad(
+            "placeholders are only resolved in the key, not in the bucket name; move them to the key"
+        )
     return StoreURI(scheme, bucket, key)

@@ -33,7 +33,7 @@ from covalent_lot._engine import Backend, RemoteObject
 from covalent_lot._errors import Classified, ErrorKind, MissingBucket, exception_chain
 from covalent_lot._retry import RetryPolicy
 from covalent_lot._stream import CHECKSUM_KEY, VerifyingSink
-from covalent_lot._strategy import LotStrategy
+from covalent_lot._strategy import LotStrategy, key_too_long
 from covalent_lot._uri import StoreURI
 
 __all__ = ["AzureStrategy", "AzureBackend", "OPTIONS", "METADATA_KEY"]
@@ -709,7 +709,7 @@ class AzureStrategy(LotStrategy):
         if problem:
             raise ValueError(f"invalid Azure container name {location.bucket!r} in {location}: {problem}")
         if len(location.key) > MAX_BLOB_NAME:
-            raise ValueError(f"Azure blob names are at most {MAX_BLOB_NAME} characters; {location} is longer")
+            raise key_too_long(location, "Azure blob", MAX_BLOB_NAME, "characters")
         if location.key.rstrip("/").count("/") + 1 > MAX_SEGMENTS:
             raise ValueError(
                 f"Azure blob names have at most {MAX_SEGMENTS} path segments; {location} has more"

@@ -29,7 +29,7 @@ from covalent_lot._errors import ChecksumMismatchError, Classified, ErrorKind, e
 from covalent_lot._errors import MissingBucket as _MissingBucket
 from covalent_lot._retry import RetryPolicy
 from covalent_lot._stream import CHECKSUM_KEY, VerifyingSink
-from covalent_lot._strategy import LotStrategy
+from covalent_lot._strategy import LotStrategy, key_too_long
 from covalent_lot._uri import StoreURI
 
 __all__ = ["GCSStrategy", "GCSBackend", "OPTIONS", "CHUNK_MULTIPLE"]
@@ -548,6 +548,7 @@ class GCSStrategy(LotStrategy):
         if problem:
             raise ValueError(f"invalid GCS bucket name {location.bucket!r} in {location}: {problem}")
         if len(location.key.encode("utf-8")) > 1024:
-            raise ValueError(f"GCS object names are at most 1024 bytes of UTF-8; {location} is longer")
+            raise key_too_long(location, "GCS object", 1024)
         if location.key.startswith(".well-known/acme-challenge/"):
-            raise ValueError(f"GCS refuses object names starting with .well-known/acme-challenge/: {location}")
+            raise ValueError(f"GCS refuses object names starting with .well-known/acme-challenge/: "
+                             f"{location}; use another prefix")

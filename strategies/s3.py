@@ -19,7 +19,7 @@ from covalent_lot._engine import Backend, RemoteObject
 from covalent_lot._errors import Classified, ErrorKind, exception_chain
 from covalent_lot._errors import MissingBucket as _MissingBucket
 from covalent_lot._stream import CHECKSUM_KEY, VerifyingSink
-from covalent_lot._strategy import LotStrategy
+from covalent_lot._strategy import LotStrategy, key_too_long
 from covalent_lot._uri import StoreURI
 
 __all__ = ["S3Strategy", "S3Backend", "OPTIONS"]
@@ -281,4 +281,4 @@ class S3Strategy(LotStrategy):
         if problem:
             raise ValueError(f"invalid S3 bucket name {location.bucket!r} in {location}: {problem}")
         if len(location.key.encode("utf-8")) > 1024:
-            raise ValueError(f"S3 keys are at most 1024 bytes of UTF-8; {location} is longer")
+            raise key_too_long(location, "S3 object", 1024)

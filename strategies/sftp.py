@@ -51,7 +51,7 @@ from covalent_lot._config import Option
 from covalent_lot._engine import Backend, RemoteObject
 from covalent_lot._errors import ChecksumMismatchError, Classified, ErrorKind, exception_chain
 from covalent_lot._errors import MissingBucket as _MissingBucket
-from covalent_lot._stream import TEMP_MARK, VerifyingSink
+from covalent_lot._stream import TEMP_MARK, VerifyingSink, temp_name
 from covalent_lot._strategy import LotStrategy
 from covalent_lot._uri import StoreURI
 
@@ -62,6 +62,7 @@ __all__ = ["SFTPStrategy", "SFTPBackend", "OPTIONS", "SIDECAR_SUFFIX", "split_au
 KiB = 1024
 MiB = 1024 * KiB
 SIDECAR_SUFFIX = ".lot-sha256"
+NAME_MAX = 255  # bytes per path segment on common server filesystems
 # OpenSSH's sftp-server refuses messages over 256 KiB.
 MAX_REQUEST = 255 * KiB
 # Measured on loopback (OpenSSH 9.2, 512 MiB, 4 channels): 32 KiB packets and a
@@ -137,10 +138,11 @@ def split_authority(authority: str, default_port: int = 22) -> tuple[str | None,
     else:
         host, port_text = hostport, ""
     if not host:
-        raise ValueError(f"no host in SFTP authority {authority!r}")
+        raise ValueError(f"no host in SFTP authority {authority!r}; expected sftp://[user@]host[:port]/path")
     if port_text:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"invalid port {port_text!r} in SFTP authority {authority!r}")
+            raise ValueError(f"invalid port {port_text!r} in SFTP authority {authority!r}; "
+                             "use a port number 1-65535")
         port = int(port_text)
     else:
         port = default_port
@@ -157,7 +159,7 @@ def sidecar_path(path: str) -> str:
 
 def _partial_path(path: str) -> str:
     parent, name = posixpath.split(path)
-    return posixpath.join(parent, f".{name}{TEMP_MARK}{uuid.uuid4().hex[:12]}")
+    return posixpath.join(parent, temp_name(name))
 
 
 class _Unfinished:
@@ -891,3 +893,16 @@ class SFTPStrategy(LotStrategy):
 
     def check_location(self, location: StoreURI) -> None:
         split_authority(location.bucket, self.settings["port"])
+        segments = location.key.rstrip("/").split("/")
+        for segment in segments:
+            if len(segment.encode("utf-8")) > NAME_MAX:
+                raise ValueError(
+                    f"SFTP file names are at most {NAME_MAX} bytes per path segment; "
+                    f"{segment[:40]!r}... in {location} is longer: shorten it"
+                )
+        if not location.is_folder and len(segments[-1].encode("utf-8")) > NAME_MAX - len(SIDECAR_SUFFIX):
+            raise ValueError(
+                f"SFTP file names are at most {NAME_MAX - len(SIDECAR_SUFFIX)} bytes here (the checksum "
+                f"sidecar <name>{SIDECAR_SUFFIX} must fit in {NAME_MAX}); {segments[-1][:40]!r}... in "
+                f"{location} is longer: shorten it"
+            )

@@ -283,7 +283,8 @@ def test_escaping_keys_are_refused(tmp_path, engine, backend, bad_key):
     with pytest.raises(ValueError) as info:
         engine.download(StoreURI("s3", "bkt", "p/"), str(destination))
     assert type(info.value) is ValueError
-    assert str(StoreURI("s3", "bkt", bad_key)) in str(info.value)
+    uri = str(StoreURI("s3", "bkt", bad_key))
+    assert (uri if uri.isprintable() else repr(uri)) in str(info.value)
     assert tree(tmp_path) == {}
 
 
