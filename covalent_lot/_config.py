@@ -111,6 +111,7 @@ class Option:
     doc: str
     minimum: float | None = None
     choices: tuple[str, ...] | None = None
+    maximum: float | None = None
 
     def coerce(self, name: str, value: Any, origin: str) -> Any:
         try:
@@ -120,6 +121,8 @@ class Option:
         if self.minimum is not None and parsed < self.minimum:
             shown = f"{int(self.minimum):,} bytes" if self.kind == "size" else self.minimum
             raise ValueError(f"option {name} from {origin} must be >= {shown}, got {value!r}")
+        if self.maximum is not None and parsed > self.maximum:
+            raise ValueError(f"option {name} from {origin} must be <= {self.maximum}, got {value!r}")
         if self.choices is not None and parsed not in self.choices:
             raise ValueError(
                 f"option {name} from {origin} must be one of {', '.join(self.choices)}, got {value!r}"

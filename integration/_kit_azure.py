@@ -174,3 +174,14 @@ class AzureKit(StoreKit):
 
     def wrong_credentials(self):
         return {"AZURE_STORAGE_CONNECTION_STRING": connection_string(self.server.endpoint, WRONG_KEY)}
+
+    def unfinished_uploads(self, bucket: str) -> list[str]:
+        """Blobs holding uncommitted blocks (Azure drops them after a week or at
+        the blob's next commit)."""
+        container = self.client.get_container_client(bucket)
+        found = []
+        for blob in container.list_blobs(include=["uncommittedblobs"]):
+            _committed, uncommitted = container.get_blob_client(blob.name).get_block_list("uncommitted")
+            if uncommitted:
+                found.append(f"{len(uncommitted)} uncommitted blocks of {blob.name}")
+        return found

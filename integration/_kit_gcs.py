@@ -167,3 +167,8 @@ class GCSKit(StoreKit):
 
     def wrong_credentials(self):
         return {}  # fake-gcs-server does not check credentials
+
+    def unfinished_uploads(self, bucket: str) -> list[str]:
+        """GCS has no API listing resumable upload sessions (they expire after
+        a week): nothing can be reported."""
+        return []

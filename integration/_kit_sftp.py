@@ -115,6 +115,11 @@ class SSHD(_servers.ServerProcess):
         except OSError:
             return False
 
+    def restart_argv(self) -> list[str]:
+        """How the running sshd was started, for _servers.Outage: its process
+        title no longer shows it (sshd rewrites it)."""
+        return [SSHD_BIN, "-D", "-e", "-f", str(self.config)]
+
 
 class SFTPKit(StoreKit):
     name = "sftp"
@@ -249,3 +254,7 @@ class SFTPKit(StoreKit):
             "COVALENT_LOT_SFTP_KEY_FILENAME": str(self.wrong_key),
             "COVALENT_LOT_SFTP_ALLOW_AGENT": "false",
         }
+
+    def unfinished_uploads(self, bucket: str) -> list[str]:
+        """Partial files of interrupted uploads: plain files beside their target."""
+        return [f"partial file {key}" for key in self.list_keys(bucket) if ".lot-partial-" in key]

@@ -173,3 +173,11 @@ class S3Kit(StoreKit):
 
     def wrong_credentials(self):
         return {"AWS_ACCESS_KEY_ID": "wrongkey", "AWS_SECRET_ACCESS_KEY": "wrongsecret"}
+
+    def unfinished_uploads(self, bucket: str) -> list[str]:
+        """Multipart uploads started but neither completed nor aborted (they keep
+        their parts, and cost storage, until aborted or a lifecycle rule expires them)."""
+        found = []
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+            found += [f"multipart upload of {up['Key']}" for up in page.get("Uploads", [])]
+        return found

@@ -782,3 +782,78 @@ class CovalentServer:
             f"--- {self.start_log_path} ---\n{_tail(self.start_log_path)}\n"
             f"--- {self.server_log_path} ---\n{_tail(self.server_log_path)}"
         )
+
+
+# ------------------------------------------------------------ crash and restart
+
+
+class Outage:
+    """Crash a started :class:`ServerProcess` and bring it back as it was.
+
+    ``crash()`` SIGKILLs the server's process group and every descendant that
+    left it (sshd forks each connection into a session of its own), as a power
+    loss would: nothing is flushed or closed cleanly, clients see their
+    connections reset. ``revive()`` runs the very same command line again (same
+    ports, same data dir, same environment), so a client holding the old
+    address finds the same server with whatever data it had made durable.
+    """
+
+    def __init__(self, server: ServerProcess) -> None:
+        if server.pid is None:
+            raise RuntimeError(f"{server._name} is not running: nothing to crash")
+        self.server = server
+        # The running argv rather than _command(), which picks fresh ports (and
+        # for SeaweedFS wipes the data dir). A server that rewrites its process
+        # title (sshd) says itself how it was started.
+        restart_argv = getattr(server, "restart_argv", None)
+        self.argv = restart_argv() if restart_argv else psutil.Process(server.pid).cmdline()
+
+    def crash(self, timeout: float = 10.0) -> None:
+        server = self.server
+        proc = server._proc
+        if proc is None:
+            return
+        try:
+            victims = [psutil.Process(proc.pid)]
+            victims += victims[0].children(recursive=True)
+        except psutil.Error:
+            victims = []
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for victim in victims:
+            try:
+                victim.kill()
+            except psutil.Error:
+                pass
+        _reap(proc, timeout)
+        _gone, alive = psutil.wait_procs(victims, timeout=timeout)
+        if alive:
+            raise RuntimeError(f"{server._name} processes survived SIGKILL: {[p.pid for p in alive]}")
+        server._proc = None
+        if server._log is not None:
+            server._log.close()
+            server._log = None
+        server._after_exit()
+        _LIVE.discard(server)
+
+    def revive(self) -> float:
+        """Run the same command again; return the seconds until it serves."""
+        server = self.server
+        if server._proc is not None:
+            raise RuntimeError(f"{server._name} is still running: crash() it first")
+        t0 = time.monotonic()
+        server._log = open(server.log_path, "ab")
+        server._proc = _spawn(self.argv, server.workdir, server._env(), server._log)
+        _LIVE.add(server)
+        try:
+            server._wait_ready()
+        except _PortClash:
+            server.stop()
+            raise RuntimeError(f"{server._name} could not bind its old ports again; log tail:\n"
+                               + _tail(server.log_path)) from None
+        except BaseException:
+            server.stop()
+            raise
+        return time.monotonic() - t0

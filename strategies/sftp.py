@@ -78,7 +78,7 @@ TRANSPORTS = ("auto", "paramiko", "asyncssh")
 
 OPTIONS: dict[str, Option] = {
     "username": Option("str", None, "login name (default: the user in the URI, else the local user)"),
-    "port": Option("int", 22, "SSH port when the URI names none", 1),
+    "port": Option("int", 22, "SSH port when the URI names none", 1, maximum=65535),
     "key_filename": Option(
         "str", None,
         "path of a private key on the executor (by reference; never its content)",
