@@ -9,17 +9,15 @@ client, and so resolve credentials, when they run.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import logging
 import os
-import sys
 from typing import Any, ClassVar, Mapping
 
 from . import _covalent
 from ._config import Option, Settings, resolve
 from ._covalent import FileTransferStrategy, FtCallDepReturnValue, original_path, resolve_template
 from ._engine import Engine, TransferStats
+from ._logs import log_to_stderr_if_unconfigured, redact_sdk_logs
 from ._retry import RetryPolicy
 from ._uri import StoreURI, check_template, parse_uri
 
@@ -73,34 +71,10 @@ def require_sdk(module: str, extra: str) -> None:
 
 
 def build_engine(backend_path: str, settings: Mapping[str, Any]) -> Engine:
+    redact_sdk_logs()  # before the SDK's first request
     backend = _load(backend_path)(settings)
     policy = RetryPolicy(settings["max_attempts"], settings["base_delay"], settings["max_delay"])
     return Engine(backend, policy, verify=settings["verify"])
-
-
-@contextlib.contextmanager
-def _log_to_stderr_if_unconfigured():
-    """Show the transfer's INFO summary in the electron's captured stderr.
-
-    Covalent keeps what an electron writes to stderr as its log; with no
-    logging set up, Python would drop INFO records. A handler the user
-    configured is respected.
-    """
-    logger = logging.getLogger("covalent_lot")
-    if logger.hasHandlers():
-        yield
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("covalent-lot: %(message)s"))
-    level = logger.level
-    logger.addHandler(handler)
-    if level == logging.NOTSET:
-        logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 class TransferCall:
@@ -116,7 +90,7 @@ class TransferCall:
     def __call__(self) -> TransferStats:
         source = resolve_template(self.source)
         destination = resolve_template(self.destination)
-        with _log_to_stderr_if_unconfigured():
+        with log_to_stderr_if_unconfigured():
             engine = build_engine(self.backend, self.settings)
             try:
                 if self.action == "upload":

@@ -39,6 +39,9 @@ def _translate(exc: BaseException) -> BaseException:
         return FileNotFoundError(errno.ENOENT, exc.reason or "no such file")
     if isinstance(exc, asyncssh.SFTPPermissionDenied):
         return PermissionError(errno.EACCES, exc.reason or "permission denied")
+    if isinstance(exc, (asyncssh.SFTPNoConnection, asyncssh.SFTPConnectionLost)):
+        # Raised on this side when the connection is gone: transient, like a disconnect.
+        return ConnectionError(f"SSH connection lost: {exc.reason or type(exc).__name__}")
     if isinstance(exc, asyncssh.SFTPError):
         return OSError(exc.reason or type(exc).__name__)  # errno None: a server status, as paramiko's
     if isinstance(exc, (asyncssh.PermissionDenied, asyncssh.HostKeyNotVerifiable)):

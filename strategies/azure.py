@@ -102,7 +102,7 @@ _DENIED_CODES = {
 }
 _INVALID_CODES = {
     "InvalidResourceName", "InvalidMetadata", "MetadataTooLarge", "InvalidBlobOrBlock",
-    "InvalidBlockList", "InvalidBlockId", "BlockCountExceedsLimit", "RequestBodyTooLarge",
+    "InvalidBlockId", "BlockCountExceedsLimit", "RequestBodyTooLarge",
     "InvalidHeaderValue", "InvalidQueryParameterValue", "InvalidUri", "OutOfRangeInput",
     "OutOfRangeQueryParameterValue", "InvalidInput", "InvalidBlobType", "InvalidXmlDocument",
     "UnsupportedHeader", "MissingRequiredHeader", "InvalidRange",
@@ -665,6 +665,10 @@ class AzureBackend(Backend):
                               "the blob or container is busy (leased, being copied or deleted)")
         if status in (429, 503) or code in _THROTTLED_CODES:
             return Classified(ErrorKind.THROTTLED, detail)
+        if code == "InvalidBlockList":
+            # The staged blocks are gone (the service dropped them, or another writer
+            # committed the blob meanwhile): a new attempt stages them again.
+            return Classified(ErrorKind.SERVER, detail)
         if status == 408 or code in _TIMEOUT_CODES:
             return Classified(ErrorKind.TIMEOUT, detail)
         if status >= 500 and status not in (501, 505):

@@ -212,8 +212,11 @@ class GCSBackend(Backend):
                     retry=_PerRequestRetry(self),
                 )
         except Exception as exc:
-            if _is_not_found(exc):  # an upload is 404 only for the bucket
-                raise _MissingBucket(location.bucket) from exc
+            if _is_not_found(exc) or getattr(exc, "code", None) == 410:
+                # A missing bucket, or an upload session the service no longer has
+                # (it restarted, or the session expired): a new attempt starts a new one.
+                self._raise_if_bucket_missing(location.bucket, exc)
+                raise ConnectionError(f"the upload session for {location} was lost") from exc
             if _is_data_corruption(exc):
                 # The SDK leaves an object whose crc32c disagrees with what was
                 # sent: never leave it visible.

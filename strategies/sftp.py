@@ -530,6 +530,21 @@ class SFTPBackend(Backend):
                     pass
             ssh.set_missing_host_key_policy(paramiko.RejectPolicy())
 
+        pkey = None
+        if key_filename is not None:
+            # Loaded here, so that a file that is no key is refused as such (paramiko
+            # would report it as a failed connection, and it would be retried).
+            try:
+                pkey = paramiko.PKey.from_path(key_filename)
+            except paramiko.PasswordRequiredException:
+                raise paramiko.AuthenticationException(
+                    "key_filename is encrypted; passphrases are not supported: use an "
+                    "unencrypted key or the ssh-agent") from None
+            except (paramiko.SSHException, ValueError, OSError) as exc:
+                # The parser's message is about the key's content: not repeated.
+                raise paramiko.AuthenticationException(
+                    f"key_filename is not a readable private key ({type(exc).__name__})") from None
+
         def transport_factory(sock, **kwargs):
             transport = paramiko.Transport(
                 sock, default_window_size=WINDOW_SIZE, **kwargs
@@ -540,7 +555,7 @@ class SFTPBackend(Backend):
         try:
             ssh.connect(
                 host, port=port, username=user or None,
-                key_filename=key_filename,
+                pkey=pkey,
                 allow_agent=settings["allow_agent"],
                 look_for_keys=key_filename is None,
                 timeout=settings["connect_timeout"],

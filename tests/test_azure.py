@@ -498,6 +498,7 @@ RESPONSE_CASES = [
     (ax.HttpResponseError, 400, "InvalidMetadata", ErrorKind.INVALID),
     (ax.HttpResponseError, 400, "InvalidResourceName", ErrorKind.INVALID),
     (ax.HttpResponseError, 400, "InvalidHeaderValue", ErrorKind.INVALID),
+    (ax.HttpResponseError, 400, "InvalidBlockList", ErrorKind.SERVER),  # staged blocks lost: stage again
     (ax.HttpResponseError, 400, "Md5Mismatch", ErrorKind.OTHER),
     (ax.HttpResponseError, 501, "NotImplemented", ErrorKind.OTHER),
     (ax.HttpResponseError, 416, "InvalidRange", ErrorKind.INVALID),

@@ -85,6 +85,8 @@ def test_without_asyncssh_auto_falls_back_and_asyncssh_says_how_to_install():
     (asyncssh.SFTPPermissionDenied("no"), PermissionError),
     (asyncssh.SFTPFailure("odd"), OSError),
     (asyncssh.ConnectionLost("reset"), ConnectionError),
+    (asyncssh.SFTPNoConnection("no connection"), ConnectionError),  # raised locally: transient
+    (asyncssh.SFTPConnectionLost("lost"), ConnectionError),
 ])
 def test_asyncssh_errors_become_builtins(error, expected):
     translated = transport._translate(error)
