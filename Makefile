@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test unit integration bench clean
+.PHONY: install demo test unit integration soak bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(PY) -m pytest integration -q
+
+# Long soak: 8 concurrent seed dispatches x 64 MiB per backend, round after round
+# (make test runs 3 rounds per backend). MINUTES=30 for longer; writes soak.md/json/png.
+soak: $(STAMP)
+	$(PY) integration/soak.py --minutes $(or $(MINUTES),10) --size-mib 64 --concurrency 8
 
 # Benchmark suite (speed and memory vs plain SDKs and Covalent's own strategies);
 # QUICK=1 runs the short version. Results in bench/results/.

@@ -401,7 +401,7 @@ def _measure(ct, servers, server, lattice, producer: str, consumer: str, n: int,
     dispatch_id = None
     error = None
     result = None
-    with PeakRSS(servers, server._pgid, store_pid) as rss:
+    with PeakRSS(servers, server.pgid, store_pid) as rss:
         started = time.perf_counter()
         try:
             dispatch_id = ct.dispatch(lattice)(n, seed)
@@ -616,7 +616,7 @@ def run(sizes_mib: list[int], backends: list[str], workdir: Path, quick: bool,
             if warm["error"] and config[0] == HANDOFF:
                 kit_errors[config[1]] = f"warm-up failed: {warm['error']}"
                 order.remove(config)
-        with PeakRSS(servers, server._pgid) as idle:
+        with PeakRSS(servers, server.pgid) as idle:
             time.sleep(0.5)
         _log(f"idle after warm-up: largest server process {idle.worker_peak / MiB:.0f} MiB, "
              f"server tree {idle.tree_peak / MiB:.0f} MiB, client {idle.client_peak / MiB:.0f} MiB")

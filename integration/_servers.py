@@ -606,6 +606,11 @@ class CovalentServer:
         return covalent_client_env(self.workdir, self.port)
 
     @property
+    def pgid(self) -> Optional[int]:
+        """Process group of the running server (its dask scheduler and workers too)."""
+        return self._pgid
+
+    @property
     def config_file(self) -> Path:
         return self.workdir / "config" / "covalent.conf"
 

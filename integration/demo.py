@@ -214,7 +214,7 @@ def run_demo(harness, s3, server, mib: int) -> int:
     rows = []
     for label, lattice in workflows:
         before = harness.dir_bytes(server.workdir)
-        with PeakRSS(harness, server._pgid) as rss:
+        with PeakRSS(harness, server.pgid) as rss:
             started = time.perf_counter()
             dispatch_id = ct.dispatch(lattice)(n)
             result = ct.get_result(dispatch_id, wait=True, intermediate_outputs=False)
