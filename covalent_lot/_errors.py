@@ -119,7 +119,9 @@ def translate(verdict: Classified, *, action: str, target: str, endpoint: str) -
 def exception_chain(exc: BaseException | None):
     """``exc`` and its causes, outermost first: SDKs wrap the error that matters.
 
-    Follows ``__cause__``/``__context__`` and azure-core's ``inner_exception``.
+    Follows ``__cause__``/``__context__``, azure-core's ``inner_exception`` and
+    s3transfer's/boto3's ``last_exception`` (RetriesExceededError keeps the real
+    error only there).
     """
     seen: set[int] = set()
     pending = [exc] if exc is not None else []
@@ -128,7 +130,8 @@ def exception_chain(exc: BaseException | None):
         while err is not None and id(err) not in seen:
             seen.add(id(err))
             yield err
-            inner = getattr(err, "inner_exception", None)
-            if isinstance(inner, BaseException) and id(inner) not in seen:
-                pending.append(inner)
+            for attr in ("inner_exception", "last_exception"):
+                inner = getattr(err, attr, None)
+                if isinstance(inner, BaseException) and id(inner) not in seen:
+                    pending.append(inner)
             err = err.__cause__ or err.__context__

@@ -122,6 +122,7 @@ class AsyncsshConnection:
         self.posix_rename = True
         self.copy_data = True
         self._closed = False
+        self._state = threading.Lock()  # orders close() against new requests
         self._ssh = None
         self.sftp = None
         self._loop = asyncio.new_event_loop()
@@ -146,7 +147,18 @@ class AsyncsshConnection:
             timeout = self.settings["io_timeout"]
         if timeout is not None:
             coro = asyncio.wait_for(coro, timeout)
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        with self._state:
+            if self._closed:
+                coro.close()
+                raise ConnectionError("SSH connection closed (another file of this transfer failed)")
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        # Several files share the connection: if another one's failure closes it,
+        # this wait ends too, instead of waiting on a stopped loop forever.
+        while not future.done():
+            concurrent.futures.wait([future], timeout=0.5)
+            if self._closed and not future.done():
+                future.cancel()
+                raise ConnectionError("SSH connection closed while a request was in flight")
         try:
             return future.result()
         except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:
@@ -163,9 +175,10 @@ class AsyncsshConnection:
         return not self._closed and self._ssh is not None and not self._ssh.is_closed()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
         ssh, self._ssh = self._ssh, None
 
         async def shut():
@@ -249,7 +262,9 @@ class AsyncsshConnection:
             finally:
                 slots.release()
 
-        async with await self.sftp.open(path, mode, block_size=0) as f:
+        # Opening and closing are requests too: bounded like the data requests.
+        f = await asyncio.wait_for(self.sftp.open(path, mode, block_size=0), timeout)
+        try:
             try:
                 for offset in range(start, size, request):
                     if slots.locked():  # all requests in flight: the server must answer in time
@@ -270,8 +285,21 @@ class AsyncsshConnection:
                     task.cancel()
                 if pending:
                     await asyncio.gather(*pending, return_exceptions=True)
+        except BaseException:
+            await self._close_quietly(f, timeout)
+            raise
         if failures:
+            await self._close_quietly(f, timeout)
             raise failures[0]
+        await asyncio.wait_for(f.close(), timeout)
+
+    @staticmethod
+    async def _close_quietly(f, timeout: float) -> None:
+        """Close after a failure: that failure is the one to report."""
+        try:
+            await asyncio.wait_for(f.close(), timeout)
+        except BaseException:  # noqa: BLE001 - a broken connection fails the close as well
+            pass
 
     def copy(self, source: str, target: str, chunk: int) -> None:
         if self.copy_data:
@@ -285,12 +313,14 @@ class AsyncsshConnection:
         self.run(self._relay(source, target, chunk), timeout=None)
 
     async def _relay(self, source: str, target: str, chunk: int) -> None:
-        async with await self.sftp.open(source, "rb") as reader, await self.sftp.open(target, "wb") as writer:
+        timeout = self.settings["io_timeout"]
+        async with await asyncio.wait_for(self.sftp.open(source, "rb"), timeout) as reader, \
+                await asyncio.wait_for(self.sftp.open(target, "wb"), timeout) as writer:
             while True:
-                block = await asyncio.wait_for(reader.read(chunk), self.settings["io_timeout"])
+                block = await asyncio.wait_for(reader.read(chunk), timeout)
                 if not block:
                     break
-                await asyncio.wait_for(writer.write(block), self.settings["io_timeout"])
+                await asyncio.wait_for(writer.write(block), timeout)
 
 
 def _shape(settings: Mapping[str, Any]) -> tuple[int, int]:

@@ -84,6 +84,9 @@ class S3Backend(Backend):
             multipart_threshold=settings["multipart_threshold"],
             multipart_chunksize=settings["multipart_chunksize"],
             max_concurrency=settings["max_concurrency"],
+            # s3transfer retries a failed range itself (on top of botocore's retries
+            # of each request): as often as configured, not its own default of 5.
+            num_download_attempts=settings["max_attempts"],
             use_threads=True,
         )
         self._extra: dict[str, str] = {}

@@ -596,7 +596,11 @@ class SFTPBackend(Backend):
             )
         conn = self.client
         if not conn.active:  # dropped: a retry gets a fresh transport
-            self.close()
+            with self._client_lock:
+                # Only this dead one: another file's thread may have replaced it already.
+                if self._client is conn:
+                    self._client = None
+            conn.close()
             conn = self.client
         return conn
 

@@ -315,3 +315,12 @@ def test_ranged_downloads_option(s3mod):
     assert s3mod.S3Strategy(ranged_downloads="false").settings["ranged_downloads"] is False
     with pytest.raises(ValueError, match="ranged_downloads"):
         s3mod.S3Strategy(ranged_downloads="sometimes")
+
+
+def test_a_range_given_up_by_s3transfer_is_classified_by_its_last_error(backend):
+    """s3transfer keeps the real error only in RetriesExceededError.last_exception."""
+    from s3transfer.exceptions import RetriesExceededError
+
+    given_up = RetriesExceededError(bx.ReadTimeoutError(endpoint_url="http://127.0.0.1:1"))
+    verdict = backend.classify(given_up)
+    assert verdict is not None and verdict.kind is ErrorKind.TIMEOUT and verdict.transient

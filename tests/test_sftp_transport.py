@@ -105,16 +105,59 @@ def test_auth_and_host_key_errors_are_left_to_the_error_table():
     assert lost is not None and lost.kind.name == "CONNECTION"
 
 
-def test_closing_the_connection_ends_requests_other_threads_wait_for():
+def bare_connection():
+    """An AsyncsshConnection with its loop running and no SSH connection."""
     import asyncio
 
     conn = object.__new__(transport.AsyncsshConnection)
     conn.settings = {"io_timeout": 60.0}
     conn._closed = False
+    conn._state = threading.Lock()
     conn._ssh = None
     conn._loop = asyncio.new_event_loop()
     conn._thread = threading.Thread(target=conn._loop.run_forever, daemon=True)
     conn._thread.start()
+    return conn
+
+
+def test_a_closed_connection_refuses_new_requests_at_once():
+    import asyncio
+
+    conn = bare_connection()
+    conn.close()
+    with pytest.raises(ConnectionError, match="closed"):
+        conn.run(asyncio.sleep(0), timeout=None)
+
+
+def test_a_request_the_loop_never_runs_ends_when_the_connection_closes():
+    """Another file's failure closed the connection just after this request was
+    scheduled: the loop stops before running it; the wait ends all the same."""
+    import asyncio
+
+    conn = bare_connection()
+    conn._loop.call_soon_threadsafe(conn._loop.stop)  # the loop stops, not yet marked closed
+    conn._thread.join(5)
+    outcome = []
+
+    def waiter():
+        try:
+            conn.run(asyncio.sleep(0), timeout=None)
+        except BaseException as exc:  # noqa: BLE001
+            outcome.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.2)
+    conn._closed = True
+    thread.join(5)
+    assert not thread.is_alive() and type(outcome[0]) is ConnectionError
+    conn._loop.close()
+
+
+def test_closing_the_connection_ends_requests_other_threads_wait_for():
+    import asyncio
+
+    conn = bare_connection()
     outcome = []
 
     def waiter():
