@@ -43,6 +43,7 @@ import posixpath
 import socket
 import stat as stat_module
 import threading
+import time
 import uuid
 from collections import deque
 from typing import Any, Callable, Iterator, Mapping
@@ -180,6 +181,12 @@ class _Unfinished:
             self._done[offset] = offset + length
             while self.prefix in self._done:
                 self.prefix = self._done.pop(self.prefix)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """A dropped or timed-out connection (paramiko says "Socket is closed" with a plain OSError)."""
+    return (isinstance(exc, (socket.timeout, ConnectionError, EOFError))
+            or (type(exc) is OSError and str(exc) == "Socket is closed"))
 
 
 def _host_label(host: str, port: int) -> str:
@@ -321,22 +328,41 @@ class _Connection:
 
         if size <= start:
             return
-        threads = [threading.Thread(target=run, args=(False,), name=f"covalent-lot-sftp-{i}", daemon=True)
-                   for i in range(1, workers)]
+        threads = [threading.Thread(target=run, args=(i == 0,), name=f"covalent-lot-sftp-{i}", daemon=True)
+                   for i in range(workers)]
+        self.last_reply = time.monotonic()
         for thread in threads:
             thread.start()
-        try:
-            run(True)
-        finally:
-            for thread in threads:
-                thread.join()
+        self._watch(threads, path, state, lock)
         error = state["error"]
         if error is not None:
-            if not isinstance(error, OSError) or isinstance(error, (socket.timeout, ConnectionError)):
+            if not isinstance(error, OSError) or _connection_lost(error):
                 # A timeout or a dropped channel can leave a reply half read: never
                 # reuse this transport; the engine's retry opens a fresh one.
                 self.transport.close()
             raise error
+
+    def _watch(self, threads: list[threading.Thread], path: str, state: dict, lock) -> None:
+        """Wait for the channel threads; end the transfer if no reply came for io_timeout.
+
+        A read waiting for a reply times out by itself, but a write can block
+        for good inside paramiko on a socket the server stopped reading from.
+        Closing the transport makes that write fail.
+        """
+        timeout = self.settings["io_timeout"]
+        while True:
+            alive = [thread for thread in threads if thread.is_alive()]
+            if not alive:
+                return
+            alive[0].join(0.2)
+            if time.monotonic() - self.last_reply > timeout:
+                with lock:
+                    if state["error"] is None:
+                        state["error"] = TimeoutError(f"no SFTP reply in {timeout} s for {path}")
+                self.transport.close()
+                for thread in threads:
+                    thread.join(timeout)
+                return
 
     def _channel_worker(self, sftp, path, take, sink, upload_fd, on_written) -> None:
         from paramiko.sftp import CMD_DATA, CMD_READ, CMD_STATUS, CMD_WRITE
@@ -374,6 +400,7 @@ class _Connection:
                 while num not in replies.done:
                     sftp._read_response()
                 t, msg = replies.done.pop(num)
+                self.last_reply = time.monotonic()
                 if sink is None:
                     if t != CMD_STATUS:
                         raise OSError(f"unexpected SFTP reply {t} to a write of {path}")
@@ -615,7 +642,11 @@ class SFTPBackend(Backend):
         with self._client_lock:
             conn, self._client = self._client, None
         if conn is not None:
+            if conn.active:
+                for upload in self._unfinished.values():  # retries that never came
+                    self._remove_quietly(conn.primary, upload.partial)
             conn.close()
+        self._unfinished.clear()
 
     # --- helpers ------------------------------------------------------------------------
     def _read_sidecar(self, sftp, path: str) -> str | None:
@@ -760,13 +791,14 @@ class SFTPBackend(Backend):
             else:
                 self._remove_quietly(sftp, sidecar_path(path))  # never a stale checksum
             self._rename(conn, upload.partial, path)
-        except BaseException:
-            if conn.active:
-                self._remove_quietly(sftp, upload.partial)
-            else:
-                # The connection dropped: the engine's retry (same backend, same
-                # file) goes on from the confirmed bytes in the partial file.
+        except BaseException as exc:
+            verdict = self.classify(exc) if isinstance(exc, Exception) else None
+            if verdict is not None and verdict.transient:
+                # The engine's retry (same backend, same file) goes on from the
+                # confirmed bytes in the partial file; close() removes it if none comes.
                 self._unfinished[job] = upload
+            elif conn.active:
+                self._remove_quietly(sftp, upload.partial)
             raise
 
     def _resumable(self, sftp, upload: _Unfinished | None) -> _Unfinished | None:
@@ -875,6 +907,8 @@ class SFTPBackend(Backend):
                 return Classified(ErrorKind.INVALID, str(err), "")
             if isinstance(err, paramiko.SFTPError):
                 return Classified(ErrorKind.OTHER, str(err), "")
+            if _connection_lost(err):
+                return Classified(ErrorKind.CONNECTION, str(err) or type(err).__name__)
             if type(err) is OSError and err.errno is None and err.args:
                 # paramiko's SFTP status errors (SSH_FX_FAILURE etc.)
                 return Classified(ErrorKind.OTHER, f"server said: {err}", "")

@@ -138,10 +138,11 @@ def test_a_request_the_loop_never_runs_ends_when_the_connection_closes():
     conn._loop.call_soon_threadsafe(conn._loop.stop)  # the loop stops, not yet marked closed
     conn._thread.join(5)
     outcome = []
+    never_run = asyncio.sleep(0)
 
     def waiter():
         try:
-            conn.run(asyncio.sleep(0), timeout=None)
+            conn.run(never_run, timeout=None)
         except BaseException as exc:  # noqa: BLE001
             outcome.append(exc)
 
@@ -152,6 +153,7 @@ def test_a_request_the_loop_never_runs_ends_when_the_connection_closes():
     thread.join(5)
     assert not thread.is_alive() and type(outcome[0]) is ConnectionError
     conn._loop.close()
+    never_run.close()
 
 
 def test_closing_the_connection_ends_requests_other_threads_wait_for():
