@@ -339,7 +339,11 @@ class ServerProcess:
         if proc is not None:
             _kill_group(proc.pid, term_timeout=self.stop_timeout)
             _reap(proc)
-            self._proc = None
+        self._forget()
+
+    def _forget(self) -> None:
+        """Once the process is gone: close its log, clean up, stop tracking it."""
+        self._proc = None
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -836,12 +840,7 @@ class Outage:
         _gone, alive = psutil.wait_procs(victims, timeout=timeout)
         if alive:
             raise RuntimeError(f"{server._name} processes survived SIGKILL: {[p.pid for p in alive]}")
-        server._proc = None
-        if server._log is not None:
-            server._log.close()
-            server._log = None
-        server._after_exit()
-        _LIVE.discard(server)
+        server._forget()
 
     def revive(self) -> float:
         """Run the same command again; return the seconds until it serves."""

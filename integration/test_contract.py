@@ -6,7 +6,6 @@ fake-gcs-server, azure on Azurite); a new backend joins by adding a kit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -17,16 +16,13 @@ import pytest
 
 import covalent_lot
 from covalent_lot import ChecksumMismatchError
+from covalent_lot._stream import sha256_file
 
 MiB = 1024 * 1024
 
 
 def sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MiB), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(str(path))[0]
 
 
 def write_random(path, size: int) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from covalent_lot import _stream
 from covalent_lot._stream import CHECKSUM_KEY, TEMP_MARK
 
 _servers = sys.modules["lot_it__kits"].load_sibling("_servers")  # loaded by conftest.py
@@ -63,11 +64,7 @@ def sha256_of(data: bytes) -> str:
 
 
 def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MiB), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return _stream.sha256_file(str(path))[0]
 
 
 def finding(kit, text: str) -> None:

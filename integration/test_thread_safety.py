@@ -17,6 +17,8 @@ import os
 import threading
 from pathlib import Path
 
+from covalent_lot._stream import sha256_file
+
 OWNERS = 8
 READERS = 4
 MiB = 1024 * 1024
@@ -31,12 +33,8 @@ PARTED = {
 }
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MiB), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def sha256(path) -> str:
+    return sha256_file(str(path))[0]
 
 
 def write(path: Path, size: int) -> str:

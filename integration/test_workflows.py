@@ -13,6 +13,7 @@ import pytest
 
 import covalent as ct
 import covalent_lot
+from covalent_lot._stream import sha256_file
 
 # Workers cannot import this test module: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -21,12 +22,8 @@ MiB = 1024 * 1024
 TIMEOUT = 600
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MiB), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def file_sha256(path) -> str:
+    return sha256_file(str(path))[0]
 
 
 @pytest.fixture

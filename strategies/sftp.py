@@ -44,7 +44,6 @@ import socket
 import stat as stat_module
 import threading
 import time
-import uuid
 from collections import deque
 from typing import Any, Callable, Iterator, Mapping
 
