@@ -23,11 +23,18 @@ from ._retry import RetryPolicy
 from ._stream import TEMP_MARK, VerifyingSink, atomic_download, holds_verified, mark_verified, sha256_file
 from ._uri import StoreURI
 
-__all__ = ["Backend", "RemoteObject", "TransferStats", "Engine", "local_path_for_key"]
+__all__ = ["Backend", "RemoteObject", "TransferStats", "Engine", "local_path_for_key", "epoch_seconds"]
 
 log = logging.getLogger("covalent_lot")
 T = TypeVar("T")
 MiB = 1024 * 1024
+
+
+def epoch_seconds(value: Any) -> float | None:
+    """A service's modification time (datetime or number) as seconds since the epoch."""
+    if value is None:
+        return None
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class RemoteObject:
     size: int
     sha256: str | None = None  # as stored with the object by covalent-lot
     version: str | None = None  # ETag/generation: lets a download notice a concurrent change
+    modified: float | None = None  # last modification, seconds since the epoch
 
 
 @dataclass
@@ -60,6 +68,9 @@ class TransferStats:
         return self.bytes / MiB / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
+        if self.action == "delete":
+            return (f"delete {self.source}: {self.files} object(s), "
+                    f"{self.bytes / MiB:.1f} MiB in {self.seconds:.2f} s, {self.retries} retries")
         word = {"upload": "stored", "copy": "kept"}.get(self.action, "verified")
         check = f"{self.verified}/{self.files} sha256 {word}"
         if self.kept:
@@ -84,6 +95,8 @@ class Backend(ABC):
         self.settings = settings
         self._client: Any = None
         self._client_lock = threading.Lock()
+        # Called with a byte count as an upload's bytes are sent (any thread); set by the engine.
+        self.progress: Callable[[int], None] | None = None
 
     def connect(self) -> Any:
         """Make the SDK client: resolve credentials, open sessions. Override."""
@@ -153,6 +166,11 @@ class Backend(ABC):
     def classify(self, exc: BaseException) -> Classified | None:
         """Place an SDK exception in the error table; None if it is not the service's."""
 
+    def sent(self, nbytes: int) -> None:
+        """Report ``nbytes`` more of an upload sent (for a progress bar)."""
+        if self.progress is not None:
+            self.progress(nbytes)
+
     def file_concurrency(self) -> int:
         """How many files of a folder may move at once (the client is shared)."""
         return int(self.settings.get("max_files", 1))
@@ -189,10 +207,15 @@ def local_path_for_key(root: str, relative_key: str, uri: str) -> str:
 class Engine:
     """Runs uploads, downloads and copies for one backend, with one retry policy."""
 
-    def __init__(self, backend: Backend, policy: RetryPolicy, verify: bool = True):
+    def __init__(self, backend: Backend, policy: RetryPolicy, verify: bool = True,
+                 progress: Callable[[int], None] | None = None):
         self.backend = backend
         self.policy = policy
         self.verify = verify
+        # progress(nbytes) as bytes move, from any thread (a progress bar); uploads
+        # report through the backend, downloads through the sink, copies per file.
+        self.progress = progress
+        backend.progress = progress
         self._count = threading.Lock()  # stats are updated from folder workers
 
     def _each(self, items: list, fn: Callable[[Any], None]) -> None:
@@ -263,6 +286,11 @@ class Engine:
                 verdict, action=action, target=target, endpoint=self.backend.endpoint
             ) from exc
 
+    @staticmethod
+    def _start(action: str, source: str, destination: str) -> tuple[TransferStats, float]:
+        log.info("%s %s -> %s: started", action, source, destination)
+        return TransferStats(action, source, destination), time.perf_counter()
+
     def _finish(self, stats: TransferStats, started: float) -> TransferStats:
         stats.seconds = time.perf_counter() - started
         log.info("%s", stats.summary())
@@ -273,8 +301,7 @@ class Engine:
 
     # --- upload ---------------------------------------------------------------------------
     def upload(self, local_path: str, destination: StoreURI) -> TransferStats:
-        started = time.perf_counter()
-        stats = TransferStats("upload", local_path, str(destination))
+        stats, started = self._start("upload", local_path, str(destination))
         if os.path.isdir(local_path):
             if not destination.is_folder:
                 raise IsADirectoryError(
@@ -335,6 +362,8 @@ class Engine:
         if sha256 is not None and self._reuse_local:
             # A consumer on this machine whose local path is this file skips its download.
             mark_verified(path, sha256() if callable(sha256) else sha256)
+        log.debug("uploaded %s -> %s (%d bytes, sha256 %s)", path, destination, before.st_size,
+                  "stored" if sha256 is not None else "off")
         with self._count:
             stats.files += 1
             stats.bytes += before.st_size
@@ -342,8 +371,7 @@ class Engine:
 
     # --- download -------------------------------------------------------------------------
     def download(self, source: StoreURI, local_path: str) -> TransferStats:
-        started = time.perf_counter()
-        stats = TransferStats("download", str(source), local_path)
+        stats, started = self._start("download", str(source), local_path)
         if source.is_folder:
             if os.path.exists(local_path) and not os.path.isdir(local_path):
                 raise NotADirectoryError(
@@ -388,7 +416,7 @@ class Engine:
 
         fsync = bool(self.backend.settings.get("fsync", False))
         with atomic_download(local_path, fsync=fsync) as (f, _temp):
-            sink = VerifyingSink(f, hashing=self.verify)
+            sink = VerifyingSink(f, hashing=self.verify, on_bytes=self.progress)
             try:
                 seen = self._guard("download", str(obj.location),
                                    lambda: self._get_resuming(obj, sink), stats)
@@ -406,6 +434,7 @@ class Engine:
                 if self._reuse_local:
                     f.flush()  # the recorded mtime is the final one
                     mark_verified(f.fileno(), actual)
+        log.debug("downloaded %s -> %s (%d bytes)", obj.location, local_path, seen.size)
         with self._count:
             stats.files += 1
             stats.bytes += seen.size
@@ -431,8 +460,7 @@ class Engine:
 
     # --- copy -----------------------------------------------------------------------------
     def copy(self, source: StoreURI, destination: StoreURI) -> TransferStats:
-        started = time.perf_counter()
-        stats = TransferStats("copy", str(source), str(destination))
+        stats, started = self._start("copy", str(source), str(destination))
         if source.is_folder != destination.is_folder:
             raise ValueError(
                 f"copy {source} -> {destination}: both must be folders (ending in '/') or both objects"
@@ -451,12 +479,41 @@ class Engine:
         def copy_one(pair: tuple[RemoteObject, StoreURI]) -> None:
             obj, target = pair
             self._guard("copy", f"{obj.location} -> {target}", lambda: self.backend.copy(obj, target), stats)
+            if self.progress is not None:
+                self.progress(obj.size)
             with self._count:
                 stats.files += 1
                 stats.bytes += obj.size
                 stats.verified += obj.sha256 is not None
 
         self._each(pairs, copy_one)
+        return self._finish(stats, started)
+
+
+    # --- listing and removal ----------------------------------------------------------------
+    def ls(self, location: StoreURI) -> list[RemoteObject]:
+        """Every object below a folder URI (recursively), or the one object a URI names."""
+        stats = TransferStats("list", str(location), "")
+        if location.is_folder:
+            return self._list(location, stats)
+        return [self._guard("read", str(location), lambda: self.backend.stat(location), stats)]
+
+    def delete(self, location: StoreURI) -> TransferStats:
+        """Remove one object, or every object below a folder URI."""
+        stats, started = self._start("delete", str(location), "")
+        objects = self.ls(location)
+        if location.is_folder and not objects:
+            raise FileNotFoundError(f"delete {location}: no objects under this folder "
+                                    f"[endpoint {self.backend.endpoint}]")
+
+        def delete_one(obj: RemoteObject) -> None:
+            self._guard("remove", str(obj.location), lambda: self.backend.delete(obj.location), stats)
+            log.debug("removed %s (%d bytes)", obj.location, obj.size)
+            with self._count:
+                stats.files += 1
+                stats.bytes += obj.size
+
+        self._each(objects, delete_one)
         return self._finish(stats, started)
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from . import _covalent
 from ._config import Option, Settings, resolve
 from ._covalent import FileTransferStrategy, FtCallDepReturnValue, original_path, resolve_template
-from ._engine import Engine, TransferStats
+from ._engine import Engine, RemoteObject, TransferStats
 from ._logs import log_to_stderr_if_unconfigured, redact_sdk_logs
 from ._retry import RetryPolicy
 from ._uri import StoreURI, check_template, parse_uri
@@ -70,11 +70,12 @@ def require_sdk(module: str, extra: str) -> None:
         ) from exc
 
 
-def build_engine(backend_path: str, settings: Mapping[str, Any]) -> Engine:
+def build_engine(backend_path: str, settings: Mapping[str, Any],
+                 progress: Callable[[int], None] | None = None) -> Engine:
     redact_sdk_logs()  # before the SDK's first request
     backend = _load(backend_path)(settings)
     policy = RetryPolicy(settings["max_attempts"], settings["base_delay"], settings["max_delay"])
-    return Engine(backend, policy, verify=settings["verify"])
+    return Engine(backend, policy, verify=settings["verify"], progress=progress)
 
 
 class TransferCall:
@@ -87,16 +88,21 @@ class TransferCall:
         self.source = source
         self.destination = destination
 
-    def __call__(self) -> TransferStats:
+    def __call__(self, progress: Callable[[int], None] | None = None) -> Any:
+        """Run it (Covalent calls it with no arguments); ``progress(nbytes)`` as bytes move."""
         source = resolve_template(self.source)
         destination = resolve_template(self.destination)
         with log_to_stderr_if_unconfigured():
-            engine = build_engine(self.backend, self.settings)
+            engine = build_engine(self.backend, self.settings, progress)
             try:
                 if self.action == "upload":
                     return engine.upload(source, parse_uri(destination))
                 if self.action == "download":
                     return engine.download(parse_uri(source), destination)
+                if self.action == "list":
+                    return engine.ls(parse_uri(source))
+                if self.action == "delete":
+                    return engine.delete(parse_uri(source))
                 return engine.copy(parse_uri(source), parse_uri(destination))
             finally:
                 engine.backend.close()
@@ -201,21 +207,33 @@ class LotStrategy(FileTransferStrategy):
         )
 
     # --- direct use, outside a workflow -----------------------------------------------
-    def put(self, local_path: str, uri: str) -> TransferStats:
+    # ``progress(nbytes)`` is called as bytes move, from any thread (a progress bar).
+    def put(self, local_path: str, uri: str, *, progress: Callable[[int], None] | None = None) -> TransferStats:
         """Upload now, in this process."""
         self.parse(uri)
-        return self._call("upload", os.fspath(local_path), uri)()
+        return self._call("upload", os.fspath(local_path), uri)(progress)
 
-    def get(self, uri: str, local_path: str) -> TransferStats:
+    def get(self, uri: str, local_path: str, *, progress: Callable[[int], None] | None = None) -> TransferStats:
         """Download now, in this process."""
         self.parse(uri)
-        return self._call("download", uri, os.fspath(local_path))()
+        return self._call("download", uri, os.fspath(local_path))(progress)
 
-    def copy(self, source_uri: str, destination_uri: str) -> TransferStats:
+    def copy(self, source_uri: str, destination_uri: str, *,
+             progress: Callable[[int], None] | None = None) -> TransferStats:
         """Server-side copy now."""
         self.parse(source_uri)
         self.parse(destination_uri)
-        return self._call("copy", source_uri, destination_uri)()
+        return self._call("copy", source_uri, destination_uri)(progress)
+
+    def ls(self, uri: str) -> list[RemoteObject]:
+        """The objects below a folder URI (recursively), or the one object ``uri`` names."""
+        self.parse(uri)
+        return self._call("list", uri, "")()
+
+    def rm(self, uri: str) -> TransferStats:
+        """Remove one object, or every object below a folder URI (ending in '/')."""
+        self.parse(uri)
+        return self._call("delete", uri, "")()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings.items() if self.settings.sources[k] != 'default')})"

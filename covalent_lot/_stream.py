@@ -20,7 +20,7 @@ import hashlib
 import os
 import threading
 import uuid
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 __all__ = [
     "CHUNK",
@@ -75,8 +75,10 @@ class VerifyingSink:
     file; ``close()`` stops the thread early.
     """
 
-    def __init__(self, fileobj: BinaryIO, hashing: bool = True):
+    def __init__(self, fileobj: BinaryIO, hashing: bool = True,
+                 on_bytes: Callable[[int], None] | None = None):
         self._f = fileobj
+        self._on_bytes = on_bytes  # progress: called with each write's size, outside the lock
         self._hash = hashlib.sha256() if hashing else None
         self._pos = 0  # file position for seek/write callers
         self._file_pos = fileobj.tell()  # where the underlying file object stands
@@ -123,6 +125,12 @@ class VerifyingSink:
 
     # --- ranged writes --------------------------------------------------------------------
     def write_at(self, offset: int, data) -> int:
+        n = self._write_at(offset, data)
+        if self._on_bytes is not None:
+            self._on_bytes(n)
+        return n
+
+    def _write_at(self, offset: int, data) -> int:
         view = memoryview(data)
         n = len(view)
         with self._cond:

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Mapping
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from covalent_lot._config import Option
-from covalent_lot._engine import Backend, RemoteObject
+from covalent_lot._engine import Backend, RemoteObject, epoch_seconds
 from covalent_lot._errors import Classified, ErrorKind, MissingBucket, exception_chain
 from covalent_lot._retry import RetryPolicy
 from covalent_lot._stream import CHECKSUM_KEY, VerifyingSink
@@ -448,7 +448,8 @@ class AzureBackend(Backend):
     def stat(self, location: StoreURI) -> RemoteObject:
         with self._naming(location.bucket):
             props = self._blob(location).get_blob_properties()
-        return RemoteObject(location, props.size, _checksum(props.metadata), props.etag)
+        return RemoteObject(location, props.size, _checksum(props.metadata), props.etag,
+                            epoch_seconds(props.last_modified))
 
     def iter_objects(self, prefix: StoreURI) -> Iterator[RemoteObject]:
         container = self.client.get_container_client(prefix.bucket)
@@ -460,6 +461,7 @@ class AzureBackend(Backend):
                 yield RemoteObject(
                     StoreURI(prefix.scheme, prefix.bucket, item.name),
                     item.size, _checksum(item.metadata), _quoted(item.etag),
+                    epoch_seconds(item.last_modified),
                 )
 
     def put_file(self, local_path: str, location: StoreURI, size: int, sha256) -> None:
@@ -472,6 +474,7 @@ class AzureBackend(Backend):
                 digest = sha256() if callable(sha256) else sha256
                 blob.upload_blob(f, length=size, overwrite=True,
                                  metadata={METADATA_KEY: digest} if digest is not None else None)
+                self.sent(size)
                 return
             block_ids = self._stage_blocks(blob, f.fileno(), size)
             # Metadata goes with the commit: the checksum was computed alongside
@@ -505,6 +508,7 @@ class AzureBackend(Backend):
             if len(data) != length:
                 raise OSError(f"upload source shrank while it was read (at {offset})")
             blob.stage_block(ids[i], data, length=length)
+            self.sent(length)
 
         workers = max(1, min(self.settings["max_concurrency"], len(ranges)))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="covalent-lot-az") as pool:

@@ -24,7 +24,7 @@ import re
 from typing import Any, Callable, Iterator, Mapping
 
 from covalent_lot._config import Option
-from covalent_lot._engine import Backend, RemoteObject
+from covalent_lot._engine import Backend, RemoteObject, epoch_seconds
 from covalent_lot._errors import ChecksumMismatchError, Classified, ErrorKind, exception_chain
 from covalent_lot._errors import MissingBucket as _MissingBucket
 from covalent_lot._retry import RetryPolicy
@@ -208,7 +208,7 @@ class GCSBackend(Backend):
                 # Streams chunk by chunk from the file; the object is created
                 # only when the final chunk is accepted.
                 blob.upload_from_file(
-                    f, size=size, timeout=self._timeout, checksum=self._crc32c,
+                    _Counted(f, self.sent) if self.progress is not None else f, size=size, timeout=self._timeout, checksum=self._crc32c,
                     retry=_PerRequestRetry(self),
                 )
         except Exception as exc:
@@ -409,6 +409,7 @@ def _remote(location: StoreURI, blob) -> RemoteObject:
         int(blob.size or 0),
         metadata.get(CHECKSUM_KEY),
         None if generation is None else str(generation),
+        epoch_seconds(blob.updated),
     )
 
 
@@ -437,6 +438,22 @@ def _generation_in(exc: BaseException) -> int | None:
         return int(exc.response.json()["generation"])  # type: ignore[attr-defined]
     except Exception:
         return None
+
+
+class _Counted:
+    """A file whose reads are reported (progress); everything else is the file's."""
+
+    def __init__(self, f, report: Callable[[int], None]):
+        self._f = f
+        self._report = report
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self._report(len(data))
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 class _PerRequestRetry:

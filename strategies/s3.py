@@ -15,7 +15,7 @@ import re
 from typing import Any, Iterator, Mapping
 
 from covalent_lot._config import Option
-from covalent_lot._engine import Backend, RemoteObject
+from covalent_lot._engine import Backend, RemoteObject, epoch_seconds
 from covalent_lot._errors import Classified, ErrorKind, exception_chain
 from covalent_lot._errors import MissingBucket as _MissingBucket
 from covalent_lot._stream import CHECKSUM_KEY, VerifyingSink
@@ -146,6 +146,7 @@ class S3Backend(Backend):
             response["ContentLength"],
             response.get("Metadata", {}).get(CHECKSUM_KEY),
             response.get("ETag"),
+            epoch_seconds(response.get("LastModified")),
         )
 
     def iter_objects(self, prefix: StoreURI) -> Iterator[RemoteObject]:
@@ -155,7 +156,8 @@ class S3Backend(Backend):
         for page in pages:
             for item in page.get("Contents", ()):
                 yield RemoteObject(
-                    StoreURI(prefix.scheme, prefix.bucket, item["Key"]), item["Size"], None, item.get("ETag")
+                    StoreURI(prefix.scheme, prefix.bucket, item["Key"]), item["Size"], None,
+                    item.get("ETag"), epoch_seconds(item.get("LastModified")),
                 )
 
     def put_file(self, local_path: str, location: StoreURI, size: int, sha256: str | None) -> None:
@@ -165,7 +167,7 @@ class S3Backend(Backend):
         # Single PUTs and multipart uploads both become visible only when
         # complete; a failed multipart upload is aborted by boto3.
         self.client.upload_file(local_path, location.bucket, location.key,
-                                 ExtraArgs=extra, Config=self._transfer)
+                                 ExtraArgs=extra, Config=self._transfer, Callback=self.progress)
 
     def get_into(self, obj: RemoteObject, sink: VerifyingSink, start: int = 0) -> RemoteObject:
         location = obj.location
@@ -187,7 +189,7 @@ class S3Backend(Backend):
             finally:
                 body.close()
             seen = self._object(location, response)
-            return RemoteObject(location, start + seen.size, seen.sha256, seen.version)
+            return RemoteObject(location, start + seen.size, seen.sha256, seen.version, seen.modified)
         if obj.sha256 is None:
             obj = self.stat(location)  # a listing has no metadata; the checksum is in HEAD
         # boto3 writes ranges in parallel (seek + write); the sink hashes them.

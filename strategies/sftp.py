@@ -48,7 +48,7 @@ from collections import deque
 from typing import Any, Callable, Iterator, Mapping
 
 from covalent_lot._config import Option
-from covalent_lot._engine import Backend, RemoteObject
+from covalent_lot._engine import Backend, RemoteObject, epoch_seconds
 from covalent_lot._errors import ChecksumMismatchError, Classified, ErrorKind, exception_chain
 from covalent_lot._errors import MissingBucket as _MissingBucket
 from covalent_lot._stream import TEMP_MARK, VerifyingSink, temp_name
@@ -738,7 +738,7 @@ class SFTPBackend(Backend):
                 errno.EISDIR, f"{location} is a directory; end the URI with '/' to download a folder"
             )
         return RemoteObject(location, attrs.st_size, self._read_sidecar(conn.primary, path),
-                            f"{attrs.st_size}:{attrs.st_mtime}")
+                            f"{attrs.st_size}:{attrs.st_mtime}", epoch_seconds(attrs.st_mtime))
 
     def iter_objects(self, prefix: StoreURI) -> Iterator[RemoteObject]:
         conn = self._conn(prefix)
@@ -766,7 +766,8 @@ class SFTPBackend(Backend):
                     if name + SIDECAR_SUFFIX in names:
                         digest = self._read_sidecar(sftp, path)
                     yield RemoteObject(StoreURI(prefix.scheme, prefix.bucket, key), entry.st_size,
-                                       digest, f"{entry.st_size}:{entry.st_mtime}")
+                                       digest, f"{entry.st_size}:{entry.st_mtime}",
+                                       epoch_seconds(entry.st_mtime))
 
     def put_file(self, local_path: str, location: StoreURI, size: int, sha256: str | None) -> None:
         conn = self._conn(location)
@@ -784,7 +785,8 @@ class SFTPBackend(Backend):
         try:
             with open(local_path, "rb") as f:
                 conn.transfer(upload.partial, size, upload_fd=f.fileno(), start=upload.prefix,
-                              on_written=upload.written)
+                              on_written=lambda offset, length: (upload.written(offset, length),
+                                                                 self.sent(length)))
             if sha256 is not None:
                 self._write_sidecar(conn, path, sha256() if callable(sha256) else sha256)
             else:
