@@ -130,6 +130,7 @@ class MemoryBackend(Backend):
                 if not block:
                     break
                 parts.append(block)
+                self.sent(len(block))
                 if self.during_put is not None:
                     hook, self.during_put = self.during_put, None
                     hook(local_path)
