@@ -7,12 +7,28 @@ so an explicit ``0`` or ``False`` is kept):
 2. environment: ``COVALENT_LOT_<SECTION>_<OPTION>``, then ``COVALENT_LOT_<OPTION>``
    for options shared by every backend (e.g. ``COVALENT_LOT_S3_ENDPOINT_URL``,
    ``COVALENT_LOT_MAX_ATTEMPTS``)
-3. covalent.conf: ``[lot.<section>]``, then ``[lot]`` for shared options
+3. covalent.conf: ``[lot.<section>.stores.<store>]`` when a store is chosen,
+   then ``[lot.<section>]``, then ``[lot]`` for shared options
 4. the built-in default
 
+A *store* is a named set of options for one backend, so one process can reach
+two endpoints (say MinIO and AWS) without passing their options around::
+
+    [lot.s3]
+    region_name = "us-east-1"
+    [lot.s3.stores.minio]
+    endpoint_url = "http://minio.internal:9000"
+    addressing_style = "path"
+
+It is chosen by the ``store`` argument (``S3Strategy(store="minio")``,
+``strategy_for(uri, store="minio")``), else by ``COVALENT_LOT_<SECTION>_STORE``;
+without either, no store applies. ``store`` is a name, not an option: it is
+not in the resolved values (``Settings.store`` holds it).
+
 covalent.conf is read through Covalent's own config reader when a strategy is
-built (never at import time). Unknown keys in ``[lot]``/``[lot.<section>]`` and
-unknown arguments are errors, with the closest known name suggested.
+built (never at import time). Unknown keys in ``[lot]``/``[lot.<section>]``/
+``[lot.<section>.stores.<store>]``, unknown stores and unknown arguments are
+errors, with the closest known name suggested.
 """
 
 from __future__ import annotations
@@ -24,9 +40,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-__all__ = ["Option", "Settings", "resolve", "parse_size", "COMMON_OPTIONS", "BACKEND_SECTIONS"]
+__all__ = [
+    "Option", "Settings", "resolve", "parse_size", "COMMON_OPTIONS", "BACKEND_SECTIONS", "STORE",
+]
 
 BACKEND_SECTIONS = ("s3", "gcs", "azure", "sftp")
+STORE = "store"  # the argument naming a store; STORES, the table of them in a section
+STORES = "stores"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
@@ -155,10 +175,12 @@ COMMON_OPTIONS: dict[str, Option] = {
 class Settings(Mapping[str, Any]):
     """Resolved option values, plus where each came from (for messages and doctor)."""
 
-    def __init__(self, section: str, values: dict[str, Any], sources: dict[str, str]):
+    def __init__(self, section: str, values: dict[str, Any], sources: dict[str, str],
+                 store: str | None = None):
         self.section = section
         self._values = values
         self.sources = sources
+        self.store = store  # the named store these values were resolved for, or None
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key]
@@ -173,7 +195,8 @@ class Settings(Mapping[str, Any]):
         return dict(self._values)
 
     def __repr__(self) -> str:
-        return f"Settings({self.section!r}, {self._values!r})"
+        store = f", store={self.store!r}" if self.store is not None else ""
+        return f"Settings({self.section!r}, {self._values!r}{store})"
 
 
 def _suggest(name: str, known) -> str:
@@ -190,6 +213,84 @@ def _conf_lot() -> dict:
     return _covalent.read_conf_section("lot")
 
 
+def _check_conf(section: str, conf: Any, all_specs: Mapping[str, Option]) -> Mapping[str, Any]:
+    """Validate ``[lot]`` and ``[lot.<section>]`` (with its stores); return the latter."""
+    if not isinstance(conf, Mapping):
+        raise ValueError(f"covalent.conf: [lot] must be a table, got {conf!r}")
+    section_conf = conf.get(section, {})
+    if not isinstance(section_conf, Mapping):
+        raise ValueError(f"covalent.conf: [lot.{section}] must be a table, got {section_conf!r}")
+    for name, value in conf.items():
+        if isinstance(value, Mapping) and name in BACKEND_SECTIONS:
+            continue
+        if name == STORES:
+            raise ValueError(f"covalent.conf: stores belong to one backend: write "
+                             f"[lot.{section}.stores.<name>] (or another backend's), "
+                             f"not [lot.stores]")
+        if isinstance(value, Mapping):  # a table: a backend section, mistyped
+            raise ValueError(f"covalent.conf: unknown key {name!r} in [lot] (section "
+                             f"[lot.{name}]){_suggest(name, BACKEND_SECTIONS)}")
+        if name not in COMMON_OPTIONS:
+            hint = _suggest(name, list(COMMON_OPTIONS) + list(BACKEND_SECTIONS))
+            raise ValueError(f"covalent.conf: unknown key {name!r} in [lot]{hint}")
+    for name in section_conf:
+        if name == STORE:
+            raise ValueError(
+                f"covalent.conf: {STORE!r} is not a key of [lot.{section}], whose options are "
+                f"the defaults of every store; choose a store with {STORE}=\"<name>\" or "
+                f"COVALENT_LOT_{section.upper()}_STORE=<name>"
+            )
+        if name not in all_specs and name != STORES:
+            hint = _suggest(name, [*all_specs, STORES])
+            raise ValueError(f"covalent.conf: unknown key {name!r} in [lot.{section}]{hint}")
+    for store, table in _stores(section, section_conf).items():
+        for name in table:
+            if name not in all_specs:
+                raise ValueError(f"covalent.conf: unknown key {name!r} in "
+                                 f"[lot.{section}.stores.{store}]{_suggest(name, all_specs)}")
+    return section_conf
+
+
+def _stores(section: str, section_conf: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
+    """``[lot.<section>.stores]``: a table of tables, one per store name."""
+    stores = section_conf.get(STORES, {})
+    shape = (f"[lot.{section}.stores] must hold one table per store, e.g. "
+             f"[lot.{section}.stores.<name>] with options in it")
+    if not isinstance(stores, Mapping):
+        raise ValueError(f"covalent.conf: {shape}; got {stores!r}")
+    for store, table in stores.items():
+        if not isinstance(table, Mapping):
+            raise ValueError(f"covalent.conf: {shape}; got {store} = {table!r}")
+    return stores
+
+
+def _chosen_store(section: str, explicit: Mapping[str, Any], environ: Mapping[str, str],
+                  section_conf: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any]]:
+    """The store named by the argument, else by the environment, and its table."""
+    variable = f"COVALENT_LOT_{section.upper()}_STORE"
+    if explicit.get(STORE) is not None:
+        name, origin = explicit[STORE], f"the {STORE}= argument"
+    elif environ.get(variable):
+        name, origin = environ[variable], f"environment {variable}"
+    else:
+        return None, {}
+    if not isinstance(name, str):
+        raise TypeError(f"{STORE} (from {origin}) must be a store name (str), got {name!r}")
+    stores = _stores(section, section_conf)
+    if name in stores:
+        return name, stores[name]
+    if stores:
+        known = f"the stores of [lot.{section}] are {', '.join(sorted(stores))}"
+        close = difflib.get_close_matches(name, list(stores), n=1)
+        known += f" (did you mean {close[0]!r}?)" if close else ""
+    else:
+        known = f"no store is defined for {section}"
+    raise ValueError(
+        f"unknown store {name!r} (from {origin}): {known}; define it in covalent.conf as a "
+        f"[lot.{section}.stores.{name}] table holding its options"
+    )
+
+
 def resolve(
     section: str,
     specs: Mapping[str, Option],
@@ -199,34 +300,21 @@ def resolve(
     conf: Mapping[str, Any] | None = None,
     owner: str = "strategy",
 ) -> Settings:
-    """Resolve ``specs`` (backend options) plus the common options for ``section``."""
+    """Resolve ``specs`` (backend options) plus the common options for ``section``.
+
+    ``explicit`` may also hold ``store``, the name of a store of this section.
+    """
     environ = os.environ if environ is None else environ
     conf = _conf_lot() if conf is None else conf
     all_specs = {**COMMON_OPTIONS, **specs}
 
     for name in explicit:
-        if name not in all_specs:
-            raise TypeError(f"{owner} got an unexpected option {name!r}{_suggest(name, all_specs)}")
+        if name not in all_specs and name != STORE:
+            hint = _suggest(name, [*all_specs, STORE])
+            raise TypeError(f"{owner} got an unexpected option {name!r}{hint}")
 
-    if not isinstance(conf, Mapping):
-        raise ValueError(f"covalent.conf: [lot] must be a table, got {conf!r}")
-    section_conf = conf.get(section, {})
-    if not isinstance(section_conf, Mapping):
-        raise ValueError(f"covalent.conf: [lot.{section}] must be a table, got {section_conf!r}")
-    for name, value in conf.items():
-        if isinstance(value, Mapping) and name in BACKEND_SECTIONS:
-            continue
-        if isinstance(value, Mapping):  # a table: a backend section, mistyped
-            raise ValueError(f"covalent.conf: unknown key {name!r} in [lot] (section "
-                             f"[lot.{name}]){_suggest(name, BACKEND_SECTIONS)}")
-        if name not in COMMON_OPTIONS:
-            hint = _suggest(name, list(COMMON_OPTIONS) + list(BACKEND_SECTIONS))
-            raise ValueError(f"covalent.conf: unknown key {name!r} in [lot]{hint}")
-    for name in section_conf:
-        if name not in all_specs:
-            raise ValueError(
-                f"covalent.conf: unknown key {name!r} in [lot.{section}]{_suggest(name, all_specs)}"
-            )
+    section_conf = _check_conf(section, conf, all_specs)
+    store, store_conf = _chosen_store(section, explicit, environ, section_conf)
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -236,6 +324,8 @@ def resolve(
             env_names.append(f"COVALENT_LOT_{name.upper()}")
         candidates = [("argument", explicit.get(name))]
         candidates += [(f"environment {e}", environ.get(e)) for e in env_names]
+        if store is not None:
+            candidates.append((f"covalent.conf [lot.{section}.stores.{store}]", store_conf.get(name)))
         candidates.append((f"covalent.conf [lot.{section}]", section_conf.get(name)))
         if name in COMMON_OPTIONS:
             candidates.append(("covalent.conf [lot]", conf.get(name)))
@@ -247,4 +337,4 @@ def resolve(
         else:
             values[name] = spec.default
             sources[name] = "default"
-    return Settings(section, values, sources)
+    return Settings(section, values, sources, store)

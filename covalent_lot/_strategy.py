@@ -236,7 +236,10 @@ class LotStrategy(FileTransferStrategy):
         return self._call("delete", uri, "")()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings.items() if self.settings.sources[k] != 'default')})"
+        shown = [f"{k}={v!r}" for k, v in self.settings.items() if self.settings.sources[k] != "default"]
+        if self.settings.store is not None:
+            shown.insert(0, f"store={self.settings.store!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
 
 
 def register(*schemes: str) -> None:
