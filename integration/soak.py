@@ -21,12 +21,12 @@ backend's storage server process group, and the client process (this script, or
 the pytest process in integration/test_soak.py).
 
 Flatness criterion (loose, since Python/dask memory is noisy): for the Covalent
-tree and the client, over all samples, ``last <= first + max(200 MiB, 50% of
-first)``; for each storage server, over its own backend's samples, the same with
-one round's data (concurrency x size) as a third candidate slack, because an
-emulator may hold a round's in-flight objects and give the memory back lazily
-(fake-gcs-server, in Go, goes 190 -> 540 -> 190 MiB over a few 8 x 64 MiB
-rounds). Series with one sample pass.
+tree (whose workers run the transfers) and the client, over all samples,
+``last <= first + max(200 MiB, 50% of first)``. Series with one sample pass.
+The storage servers' curves are reported, not judged: they are emulators that
+hold objects in memory and give it back lazily (fake-gcs-server, in Go, went
+190 -> 540 -> 190 and once 214 -> 789 MiB over a few 8 x 64 MiB rounds), which
+says nothing about covalent-lot.
 
     python integration/soak.py [--minutes 10] [--backends s3,gcs,azure,sftp]
         [--size-mib 64] [--concurrency 8] [--out DIR]
@@ -263,20 +263,16 @@ def sample(round_no: int, done: Round, kit, covalent_server, disk_root: Path) ->
     }
 
 
-def flatness_violations(rows: list[dict], round_data_mib: float) -> list[str]:
-    """Series breaking the criterion of the module docstring (``round_data_mib``:
-    concurrency x size, extra slack for the storage servers only)."""
-    series = {"covalent server tree": ([r["covalent_tree_mib"] for r in rows], 0.0),
-              "client": ([r["client_mib"] for r in rows], 0.0)}
-    for backend in dict.fromkeys(r["backend"] for r in rows):
-        values = [r["storage_mib"] for r in rows if r["backend"] == backend]
-        series[f"storage server ({backend})"] = (values, round_data_mib)
+def flatness_violations(rows: list[dict]) -> list[str]:
+    """Series breaking the criterion of the module docstring."""
+    series = {"covalent server tree": [r["covalent_tree_mib"] for r in rows],
+              "client": [r["client_mib"] for r in rows]}
     violations = []
-    for name, (values, data_slack) in series.items():
+    for name, values in series.items():
         if len(values) < 2:
             continue
         first, last = values[0], values[-1]
-        limit = first + max(FLAT_SLACK_MIB, FLAT_SLACK_RATIO * first, data_slack)
+        limit = first + max(FLAT_SLACK_MIB, FLAT_SLACK_RATIO * first)
         if last > limit:
             violations.append(f"{name}: RSS {first:.0f} -> {last:.0f} MiB exceeds {limit:.0f} MiB")
     return violations
@@ -380,7 +376,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings["backends"] = list(kits)
-    violations = flatness_violations(rows, args.concurrency * args.size_mib)
+    violations = flatness_violations(rows)
     paths = write_report(rows, out_dir, settings, problems, violations)
     print(f"\n{table(rows)}\n\nproblems: {problems or 'none'}\nflatness violations: {violations or 'none'}")
     print(f"report: {', '.join(map(str, paths))}")

@@ -145,13 +145,12 @@ class AsyncsshConnection:
         """Run ``coro`` on the loop; asyncssh errors come back as built-ins."""
         if timeout == "io":
             timeout = self.settings["io_timeout"]
-        if timeout is not None:
-            coro = asyncio.wait_for(coro, timeout)
         with self._state:
             if self._closed:
                 coro.close()
                 raise ConnectionError("SSH connection closed (another file of this transfer failed)")
-            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            future = asyncio.run_coroutine_threadsafe(
+                coro if timeout is None else asyncio.wait_for(coro, timeout), self._loop)
         # Several files share the connection: if another one's failure closes it,
         # this wait ends too, instead of waiting on a stopped loop forever.
         while not future.done():
