@@ -778,11 +778,13 @@ class SFTPBackend(Backend):
         sftp = conn.primary
         job = (local_path, path, size)
         upload = self._resumable(sftp, self._unfinished.pop(job, None))
-        if upload is None:
+        fresh = upload is None
+        if fresh:
             upload = _Unfinished(_partial_path(path))
-            with sftp.open(upload.partial, "wb"):
-                pass
         try:
+            if fresh:
+                with sftp.open(upload.partial, "wb"):
+                    pass
             with open(local_path, "rb") as f:
                 conn.transfer(upload.partial, size, upload_fd=f.fileno(), start=upload.prefix,
                               on_written=lambda offset, length: (upload.written(offset, length),
@@ -811,7 +813,8 @@ class SFTPBackend(Backend):
                 log.info("upload to %s: resuming at byte %d", upload.partial, upload.prefix)
                 return upload
         except OSError:
-            pass
+            return None
+        self._remove_quietly(sftp, upload.partial)  # shorter than confirmed: start over
         return None
 
     def get_into(self, obj: RemoteObject, sink: VerifyingSink, start: int = 0) -> RemoteObject:
