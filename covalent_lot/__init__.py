@@ -33,6 +33,7 @@ __all__ = [
     "RetryPolicy",
     "StoreURI",
     "TransferStats",
+    "cleanup",
     "download",
     "handoff",
     "parse_uri",
@@ -46,6 +47,7 @@ _LAZY = {
     "handoff": "._handoff",
     "upload": "._handoff",
     "download": "._handoff",
+    "cleanup": "._handoff",
     "register": "._strategy",
     "strategy_for": "._strategy",
     "TransferStats": "._engine",
@@ -53,7 +55,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._engine import TransferStats
-    from ._handoff import Handoff, download, handoff, upload
+    from ._handoff import Handoff, cleanup, download, handoff, upload
     from ._strategy import register, strategy_for
 
 

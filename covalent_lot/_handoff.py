@@ -1,17 +1,34 @@
-"""Factories: one storage URI in, the matching Covalent file transfers out."""
+"""Factories: one storage URI in, the matching Covalent file transfers out.
+
+Also removal after use (``h.download(delete_after=True)``, :func:`cleanup`).
+Covalent runs an electron's ``files=`` as hooks around it: for each
+FileTransfer, ``cp()`` gives a pre-exec hook (always run before the electron)
+and a transfer call, run before the electron for ``Order.BEFORE`` and after it
+for ``Order.AFTER``; the after-calls run only when the electron returned (an
+electron that raises skips them). Removal rides on that: it is an after-call,
+so it never runs before the consumer holds the verified bytes, nor when the
+consumer failed (the object stays for a retry).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
+import shutil
 import tempfile
 from typing import Any
 
+from . import _objects
 from ._covalent import FileTransfer, Order, make_file, resolve_template
-from ._strategy import LotStrategy, strategy_for
+from ._logs import log_to_stderr_if_unconfigured
+from ._strategy import LotStrategy, TransferCall, strategy_for
 from ._uri import check_template
 
-__all__ = ["Handoff", "handoff", "upload", "download"]
+__all__ = ["Handoff", "handoff", "upload", "download", "cleanup"]
+
+log = logging.getLogger("covalent_lot")
 
 
 def _strategy(uri: str, strategy: LotStrategy | None, options: dict[str, Any]) -> LotStrategy:
@@ -70,6 +87,8 @@ class Handoff:
         self.strategy = _strategy(uri, strategy, options)
         location = self.strategy.parse(uri)
         self.uri = uri
+        self.is_folder = location.is_folder
+        self._staging_root: str | None = None  # set when the path below is ours to tidy
         if local_path is None:
             staging = self.strategy.settings["staging_dir"]
             if staging is None:
@@ -80,6 +99,7 @@ class Handoff:
             # file already there and skips the download (option reuse_local).
             tag = hashlib.sha256(uri.encode()).hexdigest()[:12]
             local_path = os.path.join(staging, "{dispatch_id}", tag, name)
+            self._staging_root = staging
             if location.is_folder:
                 local_path += "/"
         _check_local(local_path)
@@ -94,9 +114,58 @@ class Handoff:
         """For the producer: ``@ct.electron(files=[h.upload()])``."""
         return _transfer(self.strategy, self.uri, self.local_path, Order.AFTER)
 
-    def download(self) -> FileTransfer:
-        """For a consumer: ``@ct.electron(files=[h.download()])``."""
-        return _transfer(self.strategy, self.uri, self.local_path, Order.BEFORE)
+    def download(self, *, delete_after: bool = False) -> FileTransfer:
+        """For a consumer: ``@ct.electron(files=[h.download()])``.
+
+        ``delete_after=True`` is for the only consumer: once the electron has
+        returned (so after its verified download), the stored object and the
+        local copy are removed; a removal that fails is logged as a warning and
+        does not fail the electron. An electron that raises removes nothing. With
+        several consumers use :func:`cleanup` after all of them instead: they
+        share the local copy on one machine, and each needs the stored object.
+        """
+        transfer = _transfer(self.strategy, self.uri, self.local_path, Order.BEFORE)
+        return _DeleteAfter(transfer, self._discard()) if delete_after else transfer
+
+    def save(self, obj: Any) -> str:
+        """In the producer: write ``obj`` to :attr:`path` (atomically), return the path.
+
+        The suffix of the URI (not of the local path) picks the format:
+
+        - ``.npy``: a numpy array (``np.save``, no pickle);
+        - ``.parquet``/``.pq``: a pandas DataFrame (needs pyarrow);
+        - ``.pkl``/``.pickle``: any picklable object;
+        - ``.txt``/``.json``/``.csv``/``.tsv``/``.md``/``.yaml``/``.yml``/``.xml``/
+          ``.html``/``.log``: a str, as UTF-8 text;
+        - any other suffix, or none: bytes/bytearray/memoryview, raw.
+
+        An object the suffix does not hold is a TypeError that names the suffix
+        fitting its type (numpy array ``.npy``, DataFrame ``.parquet`` with pyarrow
+        else ``.pkl``, bytes ``.bin``, str ``.txt``, anything else ``.pkl``).
+        """
+        path = self._object_path("save")
+        _objects.save(obj, path, name=self.uri)
+        return path
+
+    def load(self, *, mmap: bool = False) -> Any:
+        """In a consumer: the object at :attr:`path`, read as its suffix says (see
+        :meth:`save`). ``mmap=True`` memory-maps a ``.npy`` file read-only
+        (``np.load(mmap_mode="r")``) instead of reading it into memory."""
+        return _objects.load(self._object_path("load"), mmap=mmap, name=self.uri)
+
+    def _object_path(self, action: str) -> str:
+        if self.is_folder:
+            raise ValueError(
+                f"h.{action}() is for a single object; {self.uri!r} is a folder handoff: "
+                f"write or read the files under h.path ({self.local_path!r}) instead"
+            )
+        return self.path
+
+    def _discard(self) -> "Discard":
+        local = self.local_path
+        if self.is_folder and not local.endswith("/"):
+            local += "/"  # as _transfer does: the trailing '/' marks a folder to remove whole
+        return Discard(self.strategy._call("delete", self.uri, ""), local, self._staging_root)
 
     def __repr__(self) -> str:
         return f"Handoff({self.uri!r}, local_path={self.local_path!r})"
@@ -106,3 +175,115 @@ def handoff(uri: str, local_path: str | None = None, *,
             strategy: LotStrategy | None = None, **options: Any) -> Handoff:
     """Make the producer/consumer pair for ``uri``; see :class:`Handoff`."""
     return Handoff(uri, local_path, strategy=strategy, **options)
+
+
+def _remove_local(path: str, staging_root: str | None) -> bool:
+    """Remove the local copy, and the per-dispatch folders of the default layout
+    (``<staging>/<dispatch_id>/<tag>/``) once they are empty."""
+    existed = os.path.lexists(path)
+    if path.endswith("/"):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    if staging_root is not None:
+        root = os.path.abspath(staging_root)
+        parent = os.path.dirname(os.path.abspath(path.rstrip("/")))
+        while parent.startswith(root + os.sep):
+            try:
+                os.rmdir(parent)
+            except OSError:  # not empty: another handoff of this dispatch still uses it
+                break
+            parent = os.path.dirname(parent)
+    return existed
+
+
+class Discard:
+    """Runs on the executor: remove a handoff's stored object(s) and its local copy.
+
+    Removal is tidying up after the work is done, so it does not fail the
+    electron it runs in (that would throw away a finished result): an object
+    already gone is fine, other errors are logged as warnings.
+    """
+
+    def __init__(self, delete: TransferCall, local_path: str, staging_root: str | None):
+        self.delete = delete
+        self.local_path = local_path
+        self.staging_root = staging_root
+
+    def __call__(self) -> dict:
+        uri = resolve_template(self.delete.source)
+        local = resolve_template(self.local_path)
+        root = None if self.staging_root is None else resolve_template(self.staging_root)
+        removed = {"uri": uri, "objects": 0, "local_path": local, "local": False}
+        with log_to_stderr_if_unconfigured():
+            try:
+                removed["objects"] = self.delete().files
+            except FileNotFoundError:
+                log.info("%s is already gone", uri)
+            except Exception as exc:  # noqa: BLE001 - see the class docstring
+                log.warning("could not remove %s after use: %s", uri, exc)
+            try:
+                removed["local"] = _remove_local(local, root)
+            except OSError as exc:
+                log.warning("could not remove the local copy %s: %s", local, exc)
+        return removed
+
+    def __repr__(self) -> str:
+        return f"<covalent-lot remove {self.delete.source} and {self.local_path}>"
+
+
+class _Then:
+    """The pre-exec hook of a delete-after download: the usual hook, then the download."""
+
+    def __init__(self, hook, download):
+        self.hook = hook
+        self.download = download
+
+    def __call__(self):
+        paths = self.hook()
+        self.download()
+        return paths
+
+
+class _DeleteAfter(FileTransfer):
+    """``h.download(delete_after=True)``: download before, remove after the electron.
+
+    One FileTransfer gives Covalent one pre-exec hook and one call; the
+    download moves into the pre-exec hook so that the call, ordered AFTER,
+    can be the removal (see the module docstring).
+    """
+
+    def __init__(self, download: FileTransfer, discard: Discard):
+        super().__init__(from_file=download.from_file, to_file=download.to_file,
+                         order=Order.AFTER, strategy=download.strategy)
+        self.discard = discard
+
+    def cp(self):
+        hook, download = super().cp()  # remote -> local: the download call
+        return _Then(hook, download), self.discard
+
+
+def cleanup(*handoffs: Handoff, after: Any = None, executor: Any = None):
+    """In a lattice: an electron that removes ``handoffs``' stored objects and local
+    copies once every electron in ``after`` has finished (``ct.wait``).
+
+        results = [consume(i) for i in range(8)]   # each with files=[h.download()]
+        lot.cleanup(h, after=results)
+
+    If one of ``after`` fails, Covalent does not run it, and the objects stay.
+    Local copies are removed on the machine that runs this electron (with
+    ``executor``, Covalent's default if None): the consumers' machine when they
+    share one. Returns the electron; its result lists what was removed.
+    """
+    import covalent as ct
+
+    if not handoffs:
+        raise TypeError("cleanup() needs at least one handoff")
+    discards = [h._discard() for h in handoffs]
+
+    def lot_cleanup() -> list:
+        return [discard() for discard in discards]
+
+    node = ct.electron(lot_cleanup, executor=executor)()
+    return node if after is None else ct.wait(node, after)

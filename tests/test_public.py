@@ -19,6 +19,7 @@ PUBLIC = [
     "RetryPolicy",
     "StoreURI",
     "TransferStats",
+    "cleanup",
     "download",
     "handoff",
     "parse_uri",
@@ -29,7 +30,7 @@ PUBLIC = [
 
 HEAVY = [
     "covalent", "boto3", "botocore", "s3transfer", "google.cloud.storage", "google.cloud",
-    "azure.storage.blob", "azure", "paramiko",
+    "azure.storage.blob", "azure", "paramiko", "numpy", "pandas", "pyarrow",
 ]
 
 
