@@ -37,14 +37,13 @@ uploaded them).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import sys
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable
 
-from ._stream import temp_name
+from ._stream import atomic_download
 
 __all__ = ["Codec", "CODECS", "codec_for", "suffix_for", "save", "load"]
 
@@ -173,24 +172,6 @@ def _type_name(obj: Any) -> str:
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
-@contextlib.contextmanager
-def _atomic_file(path: str) -> Iterator[BinaryIO]:
-    """A temporary file beside ``path``, renamed to ``path`` only if the block succeeds."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    temp_path = os.path.join(parent, temp_name(os.path.basename(path)))
-    f = open(temp_path, "xb")
-    try:
-        yield f
-        f.close()
-        os.replace(temp_path, path)
-    except BaseException:
-        f.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_path)
-        raise
-
-
 def save(obj: Any, path: str, name: str | None = None) -> None:
     """Write ``obj`` to ``path``, atomically, in the format the suffix of ``name``
     (a handoff's URI; default: ``path``) selects."""
@@ -204,7 +185,7 @@ def save(obj: Any, path: str, name: str | None = None) -> None:
             f"A {_type_name(obj)} goes to a {fits} name ({_BY_SUFFIX.get(fits, BYTES).holds}): end the "
             f"handoff's URI with {fits}, or convert the object to what {suffix} holds"
         )
-    with _atomic_file(path) as f:
+    with atomic_download(path, fsync=False) as (f, _temp):  # temporary file, then rename
         codec.write(obj, f)
 
 
