@@ -90,6 +90,9 @@ class Backend(ABC):
     # sidecar): the engine then hashes the file while the upload runs and
     # hands put_file a callable that waits for the digest.
     checksum_after_upload: bool = False
+    # True when credentials belong to a host named in each URI (SFTP): they can
+    # be checked only against a location.
+    credentials_per_host: bool = False
 
     def __init__(self, settings: Mapping[str, Any]):
         self.settings = settings
@@ -114,6 +117,10 @@ class Backend(ABC):
                 if self._client is None:
                     self._client = self.connect()
         return self._client
+
+    def check_credentials(self) -> None:
+        """Resolve credentials and build the client as a transfer would; raise if that fails."""
+        self.client  # noqa: B018 - made on first use
 
     @property
     def connected(self) -> bool:
@@ -478,6 +485,8 @@ class Engine:
                       destination)]
         def copy_one(pair: tuple[RemoteObject, StoreURI]) -> None:
             obj, target = pair
+            if obj.sha256 is None:  # some listings leave out metadata: say truly whether it goes along
+                obj = self._guard("read", str(obj.location), lambda: self.backend.stat(obj.location), stats)
             self._guard("copy", f"{obj.location} -> {target}", lambda: self.backend.copy(obj, target), stats)
             if self.progress is not None:
                 self.progress(obj.size)
@@ -500,14 +509,22 @@ class Engine:
 
     def delete(self, location: StoreURI) -> TransferStats:
         """Remove one object, or every object below a folder URI."""
-        stats, started = self._start("delete", str(location), "")
         objects = self.ls(location)
         if location.is_folder and not objects:
             raise FileNotFoundError(f"delete {location}: no objects under this folder "
                                     f"[endpoint {self.backend.endpoint}]")
+        return self.remove(objects, str(location))
+
+    def remove(self, objects: list[RemoteObject], what: str) -> TransferStats:
+        """Remove listed objects, several at once; one gone meanwhile is not an error."""
+        stats, started = self._start("delete", what, "")
 
         def delete_one(obj: RemoteObject) -> None:
-            self._guard("remove", str(obj.location), lambda: self.backend.delete(obj.location), stats)
+            try:
+                self._guard("remove", str(obj.location), lambda: self.backend.delete(obj.location), stats)
+            except FileNotFoundError:
+                log.debug("%s was already gone", obj.location)
+                return
             log.debug("removed %s (%d bytes)", obj.location, obj.size)
             with self._count:
                 stats.files += 1

@@ -102,6 +102,7 @@ class S3Backend(Backend):
         settings = self.settings
         # The profile and the credential chain are resolved here, on the executor.
         session = boto3.session.Session(profile_name=settings["profile"])
+        self._session = session
         return session.client(
             "s3",
             endpoint_url=settings["endpoint_url"],
@@ -114,6 +115,14 @@ class S3Backend(Backend):
                 max_pool_connections=max(10, settings["max_concurrency"] + 2),
             ),
         )
+
+    def check_credentials(self) -> None:
+        super().check_credentials()
+        # boto3 builds a client without credentials and fails only at the first request.
+        if self._session.get_credentials() is None:
+            from botocore.exceptions import NoCredentialsError
+
+            raise NoCredentialsError()
 
     @property
     def endpoint(self) -> str:

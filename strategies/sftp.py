@@ -446,6 +446,8 @@ class SFTPBackend(Backend):
     # The checksum goes into a sidecar after the bytes: hash while uploading.
     checksum_after_upload = True
 
+    credentials_per_host = True
+
     def __init__(self, settings: Mapping[str, Any]):
         super().__init__(settings)
         self._authority: str | None = None
