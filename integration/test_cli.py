@@ -121,3 +121,35 @@ def test_gc(kit, bucket):
 def _script_installed():
     if not SCRIPT.exists():
         pytest.fail(f"{SCRIPT} is missing: run `make install` (pip install -e .)")
+
+
+def test_gc_removes_what_a_real_dispatch_left(covalent_server, kit, bucket):
+    """Two dispatches of a lattice store per-dispatch intermediates; gc by one id
+    removes exactly that dispatch's objects and keeps the other's."""
+    import covalent as ct
+
+    import covalent_lot as lot
+
+    features = lot.handoff(kit.uri(bucket, "runs/{dispatch_id}/features.bin"))
+    shards = lot.handoff(kit.uri(bucket, "runs/{dispatch_id}/shards/"))
+
+    @ct.electron(files=[features.upload(), shards.upload()])
+    def produce(files=[]):
+        features.save(os.urandom(3 * MiB))
+        for i in range(2):
+            with open(os.path.join(shards.path, f"part-{i}.bin"), "wb") as f:
+                f.write(os.urandom(MiB))
+
+    @ct.lattice
+    def pipeline():
+        return produce()
+
+    ids = [ct.dispatch(pipeline)() for _ in range(2)]
+    for dispatch_id in ids:
+        assert str(ct.get_result(dispatch_id, wait=True).status) == "COMPLETED"
+    assert len(kit.list_keys(bucket, "runs/")) >= 6  # 3 objects per dispatch (SFTP: + sidecars)
+
+    code, out, _ = cli("gc", "--dispatch", ids[0], kit.uri(bucket, "runs/"))
+    assert code == 0 and "removed 3 of 6 object(s), 5.0 MiB" in out
+    left = kit.list_keys(bucket, "runs/")
+    assert left and all(key.startswith(f"runs/{ids[1]}/") for key in left)
