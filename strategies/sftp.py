@@ -314,15 +314,16 @@ class _Connection:
                 return start, state["next"]
 
         def run(first: bool) -> None:
-            sftp = self.primary if first else self.channel()
+            sftp = None
             try:
+                sftp = self.primary if first else self.channel()
                 self._channel_worker(sftp, path, take, sink, upload_fd, on_written)
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 with lock:
                     if state["error"] is None:
                         state["error"] = exc
             finally:
-                if not first and self.active:
+                if not first and sftp is not None and self.active:
                     self.release(sftp)
 
         if size <= start:
