@@ -212,7 +212,7 @@ def local_path_for_key(root: str, relative_key: str, uri: str) -> str:
 
 
 class Engine:
-    """Runs uploads, downloads and copies for one backend, with one retry policy."""
+    """Runs uploads, downloads, copies, listings and removals for one backend, with one retry policy."""
 
     def __init__(self, backend: Backend, policy: RetryPolicy, verify: bool = True,
                  progress: Callable[[int], None] | None = None):
