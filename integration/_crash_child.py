@@ -24,7 +24,6 @@ import json
 import os
 import sys
 import threading
-import time
 
 POLL_SECONDS = 0.01
 
@@ -43,14 +42,13 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _report_progress(field: str, start: int) -> None:
+def _report_progress(field: str, start: int, stop: threading.Event) -> None:
     last = 0
-    while True:
+    while not stop.wait(POLL_SECONDS):
         moved = _io_count(field) - start
         if moved > last + 4096:  # our own reads and lines count too: ignore those
             _say(f"moved {moved}")
             last = moved
-        time.sleep(POLL_SECONDS)
 
 
 def main(spec: dict) -> int:
@@ -62,12 +60,18 @@ def main(spec: dict) -> int:
         field, start = "rchar", _io_count("rchar") + os.path.getsize(spec["local"])
     else:
         field, start = "wchar", _io_count("wchar")
-    threading.Thread(target=_report_progress, args=(field, start), daemon=True).start()
+    stop = threading.Event()
+    reporter = threading.Thread(target=_report_progress, args=(field, start, stop), daemon=True)
+    reporter.start()
     try:
-        if spec["action"] == "put":
-            stats = strategy.put(spec["local"], spec["uri"])
-        else:
-            stats = strategy.get(spec["uri"], spec["local"])
+        try:
+            if spec["action"] == "put":
+                stats = strategy.put(spec["local"], spec["uri"])
+            else:
+                stats = strategy.get(spec["uri"], spec["local"])
+        finally:
+            stop.set()  # the outcome must be the last line
+            reporter.join()
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         kind = type(exc)
         first_line = (str(exc).strip().splitlines() or [""])[0]

@@ -808,16 +808,18 @@ class SFTPBackend(Backend):
             raise
 
     def _resumable(self, sftp, upload: _Unfinished | None) -> _Unfinished | None:
-        """``upload`` if its partial file still holds the confirmed bytes, else None."""
-        if upload is None or not upload.prefix:
-            return upload
-        try:
-            if sftp.stat(upload.partial).st_size >= upload.prefix:
-                log.info("upload to %s: resuming at byte %d", upload.partial, upload.prefix)
-                return upload
-        except OSError:
+        """``upload`` if its partial file holds confirmed bytes to go on from, else None
+        (and a partial file it may have left is removed: the upload starts over)."""
+        if upload is None:
             return None
-        self._remove_quietly(sftp, upload.partial)  # shorter than confirmed: start over
+        if upload.prefix:
+            try:
+                if sftp.stat(upload.partial).st_size >= upload.prefix:
+                    log.info("upload to %s: resuming at byte %d", upload.partial, upload.prefix)
+                    return upload
+            except OSError:
+                return None  # gone
+        self._remove_quietly(sftp, upload.partial)
         return None
 
     def get_into(self, obj: RemoteObject, sink: VerifyingSink, start: int = 0) -> RemoteObject:
