@@ -51,6 +51,13 @@ def _translate(exc: BaseException) -> BaseException:
     return exc
 
 
+def _discard(awaitable) -> None:
+    """Close a coroutine that will never run (asyncssh wraps some, e.g. open, in an _ACMWrapper)."""
+    close = getattr(getattr(awaitable, "_coro", awaitable), "close", None)
+    if close is not None:
+        close()
+
+
 class _Attrs:
     """The fields of paramiko's SFTPAttributes the backend reads."""
 
@@ -147,7 +154,7 @@ class AsyncsshConnection:
             timeout = self.settings["io_timeout"]
         with self._state:
             if self._closed:
-                coro.close()
+                _discard(coro)
                 raise ConnectionError("SSH connection closed (another file of this transfer failed)")
             future = asyncio.run_coroutine_threadsafe(
                 coro if timeout is None else asyncio.wait_for(coro, timeout), self._loop)

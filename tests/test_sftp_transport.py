@@ -176,3 +176,19 @@ def test_closing_the_connection_ends_requests_other_threads_wait_for():
     assert not thread.is_alive()
     assert len(outcome) == 1 and type(outcome[0]) is ConnectionError
     assert not conn._thread.is_alive()
+
+
+def test_a_closed_connection_refuses_asyncssh_context_manager_requests_too():
+    """asyncssh's open() returns an _ACMWrapper, not a coroutine: refused all the same."""
+    import asyncio
+
+    from asyncssh.misc import async_context_manager
+
+    @async_context_manager
+    async def opener():
+        await asyncio.sleep(0)
+
+    conn = bare_connection()
+    conn.close()
+    with pytest.raises(ConnectionError, match="closed"):
+        conn.run(opener(), timeout=1.0)
