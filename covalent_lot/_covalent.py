@@ -8,7 +8,11 @@ context, and covalent.conf.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import re
+import sys
+import threading
+from typing import Any, Callable
 from urllib.parse import unquote
 
 from covalent._file_transfer.enums import FtCallDepReturnValue, Order
@@ -20,7 +24,7 @@ from covalent._file_transfer.file_transfer import (
 )
 from covalent._file_transfer.strategies.transfer_strategy_base import FileTransferStrategy
 
-from ._uri import has_placeholders, render
+from ._uri import PLACEHOLDERS, RUN, STAGING, has_placeholders, placeholders, render
 
 __all__ = [
     "FileTransferStrategy",
@@ -30,10 +34,12 @@ __all__ = [
     "Order",
     "read_conf_section",
     "run_context",
+    "run_identity",
     "resolve_template",
     "make_file",
     "original_path",
     "register_scheme",
+    "register_remote_scheme",
 ]
 
 _ORIGINAL = "_lot_original"
@@ -51,28 +57,119 @@ def read_conf_section(name: str) -> dict[str, Any]:
     return dict(value) if isinstance(value, dict) else value
 
 
-def run_context() -> dict[str, str] | None:
-    """``dispatch_id``/``node_id`` of the electron running now, or None outside one."""
+# Where Covalent's remote executor plugins run a task, nothing sets the context
+# (ct.get_context() is filled only on the managed path). What they do leave is
+# the dispatch and node in a name: the plugin's script
+# (covalent-ssh-plugin: <remote_cache>/exec_<dispatch_id>_<node_id>.py;
+# covalent-slurm-plugin: script-<dispatch_id>-<node_id>.py, job
+# covalent-<node_id>-<dispatch_id>), or the per-task work dir that
+# create_unique_workdir=True makes (<workdir>/<dispatch_id>/node_<node_id>:
+# Dask, local, SSH and Slurm executors alike).
+_DISPATCH = r"(?P<dispatch_id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
+_NODE = r"(?P<node_id>\d+)"
+_SCRIPT_NAMES = (
+    ("covalent-ssh-plugin script", re.compile(rf"exec_{_DISPATCH}_{_NODE}\.py")),
+    ("covalent-slurm-plugin script", re.compile(rf"script-{_DISPATCH}-{_NODE}\.py")),
+)
+_SLURM_JOB = re.compile(rf"covalent-{_NODE}-{_DISPATCH}")
+_WORKDIR = re.compile(rf"(?:^|/){_DISPATCH}/node_{_NODE}/*$")
+# The function that runs a task on the legacy path inside a Dask worker (or the
+# local executor's process): it chdir()s to the task's work dir, process-wide,
+# while other threads run other tasks, so there only its own argument counts.
+_IO_WRAPPER = ("io_wrapper", "covalent/executor/utils/wrappers.py")
+
+
+def _io_wrapper_workdir() -> str | None:
+    """The ``workdir`` argument of Covalent's ``io_wrapper`` running this task, or None
+    when this thread is not inside one."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == _IO_WRAPPER[0] and code.co_filename.replace(os.sep, "/").endswith(_IO_WRAPPER[1]):
+            return str(frame.f_locals.get("workdir", ""))
+        frame = frame.f_back
+    return None
+
+
+def _from_workdir(path: str) -> dict[str, str] | None:
+    match = _WORKDIR.search(os.path.abspath(path).replace(os.sep, "/"))
+    return match.groupdict() if match else None
+
+
+def run_identity() -> tuple[dict[str, str], str] | None:
+    """``({"dispatch_id", "node_id"}, how it was found)`` for the task running now, or None.
+
+    Tried in turn: Covalent's context (managed path: local and Dask executors);
+    the work dir Covalent's ``io_wrapper`` was given (legacy Dask/local with
+    ``create_unique_workdir``); the script name of covalent-ssh-plugin or
+    covalent-slurm-plugin; Slurm's job name; the process's working directory
+    when it is a per-task work dir (a plugin with ``create_unique_workdir``).
+    """
     from covalent.executor.utils.context import get_context
 
     context = get_context()
-    if context is None or context.dispatch_id is None:
-        return None
-    return {"dispatch_id": str(context.dispatch_id), "node_id": str(context.task_id)}
+    if context is not None and context.dispatch_id is not None:
+        ids = {"dispatch_id": str(context.dispatch_id), "node_id": str(context.task_id)}
+        return ids, "Covalent's context (managed execution)"
+    workdir = _io_wrapper_workdir()
+    if workdir is not None:
+        ids = _from_workdir(workdir)
+        # Inside io_wrapper the process's cwd belongs to whichever task chdir()ed last.
+        return (ids, "the executor's per-task work dir") if ids else None
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    for how, pattern in _SCRIPT_NAMES:
+        match = pattern.fullmatch(script)
+        if match:
+            return match.groupdict(), how
+    match = _SLURM_JOB.fullmatch(os.environ.get("SLURM_JOB_NAME", ""))
+    if match:
+        return match.groupdict(), "the Slurm job name"
+    try:
+        ids = _from_workdir(os.getcwd())
+    except OSError:  # the working directory was removed
+        ids = None
+    return (ids, "the executor's per-task work dir") if ids else None
 
 
-def resolve_template(text: str) -> str:
-    """Fill ``{dispatch_id}``/``{node_id}`` from the running electron's context."""
+def run_context() -> dict[str, str] | None:
+    """``dispatch_id``/``node_id`` of the electron running now, or None when unknown."""
+    found = run_identity()
+    return None if found is None else found[0]
+
+
+UNKNOWN_DISPATCH = (
+    "which are known only while an electron runs in a dispatch, and nothing here says "
+    "which one: the executor runs the task outside Covalent's managed path (no "
+    "ct.get_context()) and without a per-task work dir. Give the executor "
+    "create_unique_workdir=True (DaskExecutor, SSHExecutor, SlurmExecutor: covalent-lot "
+    "then reads <workdir>/<dispatch_id>/node_<node_id>), or make the URI unique without "
+    "placeholders (e.g. a run id chosen when the lattice is built)"
+)
+
+
+def resolve_template(text: str, staging: Callable[[], str] | None = None) -> str:
+    """Fill the placeholders of ``text`` for the electron running now.
+
+    ``{dispatch_id}``/``{node_id}`` come from :func:`run_identity`; a local path
+    may also hold ``{staging}`` (``staging()``, the executor's staging folder) and
+    ``{run}``: the dispatch id, or where none is known a token of this process
+    and thread, which holds for the hooks and body of one task.
+    """
     if not has_placeholders(text):
         return text
-    context = run_context()
-    if context is None:
-        raise RuntimeError(
-            f"{text!r} uses {{dispatch_id}}/{{node_id}}, which are only known while an "
-            "electron runs in a dispatch; use it inside the electron (or its file "
-            "transfers), or give a path without placeholders"
-        )
-    return render(text, context)
+    names = placeholders(text)
+    values: dict[str, str] = {}
+    if STAGING in names:
+        if staging is None:
+            raise RuntimeError(f"{text!r}: no staging folder to fill {{{STAGING}}} with")
+        values[STAGING] = staging()
+    if names - {STAGING}:
+        context = run_context()
+        if context is None and names & set(PLACEHOLDERS):
+            raise RuntimeError(f"{text!r} uses {{dispatch_id}}/{{node_id}}, {UNKNOWN_DISPATCH}")
+        values.update(context or {})
+        values[RUN] = context["dispatch_id"] if context else f"run-{os.getpid()}-{threading.get_ident()}"
+    return render(text, values)
 
 
 def make_file(text: str, *, remote: bool, is_dir: bool) -> File:
@@ -90,11 +187,17 @@ def make_file(text: str, *, remote: bool, is_dir: bool) -> File:
 
 
 def original_path(file: File, *, remote: bool) -> str:
-    """The path or URI a ``File`` was made from."""
+    """The path or URI a ``File`` was made from; a folder's ends with '/'.
+
+    Covalent's own ``File(uri, is_dir=True)`` marks a folder without the
+    trailing slash covalent-lot uses for one, so it is added.
+    """
     original = getattr(file, _ORIGINAL, None)
-    if original is not None:
-        return original
-    return unquote(file.uri if remote else file.filepath)
+    if original is None:
+        original = unquote(file.uri if remote else file.filepath)
+    if file.is_dir and not original.endswith("/"):
+        original += "/"
+    return original
 
 
 def register_scheme(scheme: str, strategy_cls: type) -> None:

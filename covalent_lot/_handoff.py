@@ -17,14 +17,15 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 from typing import Any
 
 from . import _objects
 from ._covalent import FileTransfer, Order, make_file, resolve_template
 from ._logs import log_to_stderr_if_unconfigured
-from ._strategy import LotStrategy, TransferCall, strategy_for
-from ._uri import check_template
+from ._strategy import (
+    STAGING_PREFIX, LotStrategy, Portable, TransferCall, settings_here, staging_dir, strategy_for,
+)
+from ._uri import RUN, check_template
 
 __all__ = ["Handoff", "handoff", "upload", "download", "cleanup"]
 
@@ -42,8 +43,8 @@ def _strategy(uri: str, strategy: LotStrategy | None, options: dict[str, Any]) -
 def _check_local(local_path: str) -> None:
     if not isinstance(local_path, str):
         raise TypeError(f"local path must be a str, not {type(local_path).__name__}: {local_path!r}")
-    check_template(local_path, "local path")
-    if not os.path.isabs(local_path):
+    check_template(local_path, "local path", local=True)
+    if not (os.path.isabs(local_path) or local_path.startswith(STAGING_PREFIX)):
         raise ValueError(
             f"local path {local_path!r} must be absolute: electrons run in another "
             "working directory"
@@ -80,6 +81,11 @@ class Handoff:
     filled in on the executor when the transfer runs, so concurrent dispatches
     never share a key or a local file. ``path`` is the local path resolved for
     the electron that is running now.
+
+    The default local path is ``{staging}/{run}/<hash of uri>/<name>``: the
+    staging folder of the machine the electron runs on (its ``staging_dir``),
+    then the dispatch id (where the executor does not tell it, a token of the
+    task's process: see :func:`~covalent_lot._covalent.resolve_template`).
     """
 
     def __init__(self, uri: str, local_path: str | None = None, *,
@@ -90,16 +96,14 @@ class Handoff:
         self.is_folder = location.is_folder
         self._staging_root: str | None = None  # set when the path below is ours to tidy
         if local_path is None:
-            staging = self.strategy.settings["staging_dir"]
-            if staging is None:
-                staging = os.path.join(tempfile.gettempdir(), "covalent-lot")
             name = location.name or location.bucket  # s3://bucket/ names the whole bucket
             # One local path per (dispatch, URI), the same in the producer and its
             # consumers: a consumer on the producer's machine finds the verified
             # file already there and skips the download (option reuse_local).
+            # The staging folder is the executor's own, looked up where it runs.
             tag = hashlib.sha256(uri.encode()).hexdigest()[:12]
-            local_path = os.path.join(staging, "{dispatch_id}", tag, name)
-            self._staging_root = staging
+            local_path = f"{STAGING_PREFIX}{{{RUN}}}/{tag}/{name}"
+            self._staging_root = STAGING_PREFIX
             if location.is_folder:
                 local_path += "/"
         _check_local(local_path)
@@ -108,7 +112,11 @@ class Handoff:
     @property
     def path(self) -> str:
         """The local path for the electron running now (placeholders filled)."""
-        return resolve_template(self.local_path)
+        strategy = self.strategy
+        return resolve_template(
+            self.local_path,
+            lambda: staging_dir(settings_here(strategy.class_path(), strategy.explicit)),
+        )
 
     def upload(self) -> FileTransfer:
         """For the producer: ``@ct.electron(files=[h.upload()])``."""
@@ -198,7 +206,7 @@ def _remove_local(path: str, staging_root: str | None) -> bool:
     return existed
 
 
-class Discard:
+class Discard(Portable):
     """Runs on the executor: remove a handoff's stored object(s) and its local copy.
 
     Removal is tidying up after the work is done, so it does not fail the
@@ -210,11 +218,15 @@ class Discard:
         self.delete = delete
         self.local_path = local_path
         self.staging_root = staging_root
+        self.extra = delete.extra
 
     def __call__(self) -> dict:
+        def staging() -> str:
+            return staging_dir(self.delete.settings())
+
         uri = resolve_template(self.delete.source)
-        local = resolve_template(self.local_path)
-        root = None if self.staging_root is None else resolve_template(self.staging_root)
+        local = resolve_template(self.local_path, staging)
+        root = None if self.staging_root is None else resolve_template(self.staging_root, staging)
         removed = {"uri": uri, "objects": 0, "local_path": local, "local": False}
         with log_to_stderr_if_unconfigured():
             try:
@@ -233,12 +245,13 @@ class Discard:
         return f"<covalent-lot remove {self.delete.source} and {self.local_path}>"
 
 
-class _Then:
+class _Then(Portable):
     """The pre-exec hook of a delete-after download: the usual hook, then the download."""
 
     def __init__(self, hook, download):
         self.hook = hook
         self.download = download
+        self.extra = hook.extra
 
     def __call__(self):
         paths = self.hook()

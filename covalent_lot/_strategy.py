@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
+import sys
+import tempfile
 from typing import Any, Callable, ClassVar, Mapping
 
-from . import _covalent
+from . import _covalent, _portable
 from ._config import Option, Settings, resolve
 from ._covalent import FileTransferStrategy, FtCallDepReturnValue, original_path, resolve_template
 from ._engine import Engine, RemoteObject, TransferStats
 from ._logs import log_to_stderr_if_unconfigured, redact_sdk_logs
 from ._retry import RetryPolicy
-from ._uri import StoreURI, check_template, parse_uri
+from ._uri import STAGING, StoreURI, check_template, parse_uri
 
-__all__ = ["LotStrategy", "strategy_for", "STRATEGIES", "require_sdk", "build_engine"]
+STAGING_PREFIX = "{" + STAGING + "}/"
+
+__all__ = [
+    "LotStrategy", "strategy_for", "STRATEGIES", "require_sdk", "build_engine", "settings_here",
+    "staging_dir", "TransferCall", "PreTransferHook",
+]
 
 # scheme -> "module:Class"; modules are imported only when a scheme is used.
 STRATEGIES: dict[str, str] = {
@@ -60,13 +68,14 @@ def strategy_for(uri_or_scheme: str, **options: Any) -> "LotStrategy":
 
 
 def require_sdk(module: str, extra: str) -> None:
-    """Import check with the install line in the message."""
+    """Import check with the install line, and where to run it, in the message."""
     try:
         importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(
-            f"the {extra} backend of covalent-lot needs the {module} module: "
-            f"pip install covalent-lot[{extra}]"
+            f"the {extra} backend of covalent-lot needs the {module} module: pip install "
+            f"covalent-lot[{extra}] in the Python that runs it ({sys.executable} on "
+            f"{socket.gethostname()})"
         ) from exc
 
 
@@ -78,52 +87,105 @@ def build_engine(backend_path: str, settings: Mapping[str, Any],
     return Engine(backend, policy, verify=settings["verify"], progress=progress)
 
 
-class TransferCall:
-    """What Covalent pickles and runs on the executor for one file transfer."""
+def settings_here(strategy: str, options: Mapping[str, Any]) -> Settings:
+    """The settings of a transfer, resolved in the process that runs it.
 
-    def __init__(self, action: str, backend: str, settings: dict, source: str, destination: str):
+    ``options`` are the ones given in code (they travel with the workflow); the
+    rest, credentials included, come from this machine's environment and
+    covalent.conf, never from the dispatcher's.
+    """
+    cls = _load(strategy)
+    require_sdk(cls.sdk_module, cls.extra)
+    return resolve(cls.section, cls.options, options, owner=f"{cls.__name__}()")
+
+
+def staging_dir(settings: Mapping[str, Any]) -> str:
+    """The staging folder of ``settings``: ``staging_dir``, else <tempdir>/covalent-lot."""
+    return settings["staging_dir"] or os.path.join(tempfile.gettempdir(), "covalent-lot")
+
+
+def run_transfer(action: str, backend_path: str, settings: Mapping[str, Any], source: str,
+                 destination: str, progress: Callable[[int], None] | None = None) -> Any:
+    """Fill the placeholders of ``source``/``destination`` and run ``action`` (upload,
+    download, copy, list, delete) with a fresh engine."""
+    source = resolve_template(source, lambda: staging_dir(settings))
+    destination = resolve_template(destination, lambda: staging_dir(settings))
+    with log_to_stderr_if_unconfigured():
+        engine = build_engine(backend_path, settings, progress)
+        try:
+            if action == "upload":
+                return engine.upload(source, parse_uri(destination))
+            if action == "download":
+                return engine.download(parse_uri(source), destination)
+            if action == "list":
+                return engine.ls(parse_uri(source))
+            if action == "delete":
+                return engine.delete(parse_uri(source))
+            return engine.copy(parse_uri(source), parse_uri(destination))
+        finally:
+            engine.backend.close()
+
+
+class Portable:
+    """Pickles as plain values that rebuild the object on the executor (see _portable)."""
+
+    extra = "all"  # the pip extra named when covalent-lot is missing there
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    __hash__ = None  # mutable values
+
+    def __reduce__(self):
+        cls = type(self)
+        return (_portable.rebuild, (cls.__module__, cls.__qualname__, dict(self.__dict__), self.extra))
+
+
+class TransferCall(Portable):
+    """What Covalent pickles and runs on the executor for one file transfer.
+
+    It carries the strategy's class ("module:Class") and the options given in
+    code; everything else is resolved where it runs (:func:`settings_here`).
+    """
+
+    def __init__(self, action: str, strategy: str, options: dict, source: str,
+                 destination: str, extra: str = "all"):
         self.action = action
-        self.backend = backend
-        self.settings = settings
+        self.strategy = strategy
+        self.options = options
         self.source = source
         self.destination = destination
+        self.extra = extra
+
+    def settings(self) -> Settings:
+        return settings_here(self.strategy, self.options)
 
     def __call__(self, progress: Callable[[int], None] | None = None) -> Any:
         """Run it (Covalent calls it with no arguments); ``progress(nbytes)`` as bytes move."""
-        source = resolve_template(self.source)
-        destination = resolve_template(self.destination)
-        with log_to_stderr_if_unconfigured():
-            engine = build_engine(self.backend, self.settings, progress)
-            try:
-                if self.action == "upload":
-                    return engine.upload(source, parse_uri(destination))
-                if self.action == "download":
-                    return engine.download(parse_uri(source), destination)
-                if self.action == "list":
-                    return engine.ls(parse_uri(source))
-                if self.action == "delete":
-                    return engine.delete(parse_uri(source))
-                return engine.copy(parse_uri(source), parse_uri(destination))
-            finally:
-                engine.backend.close()
+        settings = self.settings()
+        backend = _load(self.strategy).backend_path
+        return run_transfer(self.action, backend, settings, self.source, self.destination, progress)
 
     def __repr__(self) -> str:
         return f"<covalent-lot {self.action} {self.source} -> {self.destination}>"
 
 
-class PreTransferHook:
-    """Runs before the electron: resolves paths, makes the local folder, returns them."""
+class PreTransferHook(Portable):
+    """Runs before the electron: checks the backend can run here, resolves paths,
+    makes the local folder, returns them. A transfer that cannot run on this
+    executor fails here, before the electron and before any byte moves."""
 
-    def __init__(self, source: str, destination: str, local: str, folder: bool, returns: str):
-        self.source = source
-        self.destination = destination
+    def __init__(self, call: TransferCall, local: str, folder: bool, returns: str):
+        self.call = call
         self.local = local  # "source" or "destination": the local side
         self.folder = folder
         self.returns = returns
+        self.extra = call.extra
 
     def __call__(self):
-        source = resolve_template(self.source)
-        destination = resolve_template(self.destination)
+        settings = self.call.settings()
+        source = resolve_template(self.call.source, lambda: staging_dir(settings))
+        destination = resolve_template(self.call.destination, lambda: staging_dir(settings))
         local = source if self.local == "source" else destination
         os.makedirs(local if self.folder else os.path.dirname(os.path.abspath(local)), exist_ok=True)
         if self.returns == FtCallDepReturnValue.TO.value:
@@ -143,11 +205,27 @@ class LotStrategy(FileTransferStrategy):
     backend_path: ClassVar[str]  # "module:Class" of the Backend, imported on the executor
     options: ClassVar[dict[str, Option]]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "scheme" in cls.__dict__:
+            # So that Covalent's own File("az://...") and FileTransfer(..., strategy=
+            # AzureStrategy()) accept the scheme without lot.register().
+            _covalent.register_remote_scheme(cls.scheme)
+
     def __init__(self, **options: Any):
         require_sdk(self.sdk_module, self.extra)
         self.settings: Settings = resolve(
             self.section, self.options, options, owner=f"{type(self).__name__}()"
         )
+        # What travels to the executor: the options given here, not the ones this
+        # machine's environment and covalent.conf supplied (see settings_here).
+        self.explicit = {name: value for name, value in options.items() if value is not None}
+        _covalent.register_remote_scheme(self.scheme)
+
+    @classmethod
+    def class_path(cls) -> str:
+        """``"module:Class"``, how the executor finds this class again."""
+        return f"{cls.__module__}:{cls.__name__}"
 
     # --- validation on the client -----------------------------------------------------
     def check_location(self, location: StoreURI) -> None:
@@ -160,15 +238,15 @@ class LotStrategy(FileTransferStrategy):
 
     def _local(self, file, what: str) -> str:
         path = original_path(file, remote=False)
-        check_template(path, what)
-        if not os.path.isabs(path):
+        check_template(path, what, local=True)
+        if not (os.path.isabs(path) or path.startswith(STAGING_PREFIX)):
             raise ValueError(
                 f"{what} {path!r} must be absolute: electrons run in another working directory"
             )
         return path
 
     def _call(self, action: str, source: str, destination: str) -> TransferCall:
-        return TransferCall(action, self.backend_path, self.settings.as_dict(), source, destination)
+        return TransferCall(action, self.class_path(), dict(self.explicit), source, destination, self.extra)
 
     # --- Covalent's FileTransferStrategy interface ------------------------------------
     def upload(self, from_file, to_file) -> TransferCall:
@@ -202,38 +280,43 @@ class LotStrategy(FileTransferStrategy):
         folder = remote.endswith("/") or local.endswith("/")
         source, destination = (local, remote) if local_is_source else (remote, local)
         return PreTransferHook(
-            source, destination, "source" if local_is_source else "destination", folder,
-            FtCallDepReturnValue(return_value_type).value,
+            self._call("check", source, destination), "source" if local_is_source else "destination",
+            folder, FtCallDepReturnValue(return_value_type).value,
         )
 
     # --- direct use, outside a workflow -----------------------------------------------
+    # These run in this process with this strategy's settings, as resolved here.
+    def _run(self, action: str, source: str, destination: str,
+             progress: Callable[[int], None] | None = None) -> Any:
+        return run_transfer(action, self.backend_path, self.settings, source, destination, progress)
+
     # ``progress(nbytes)`` is called as bytes move, from any thread (a progress bar).
     def put(self, local_path: str, uri: str, *, progress: Callable[[int], None] | None = None) -> TransferStats:
         """Upload now, in this process."""
         self.parse(uri)
-        return self._call("upload", os.fspath(local_path), uri)(progress)
+        return self._run("upload", os.fspath(local_path), uri, progress)
 
     def get(self, uri: str, local_path: str, *, progress: Callable[[int], None] | None = None) -> TransferStats:
         """Download now, in this process."""
         self.parse(uri)
-        return self._call("download", uri, os.fspath(local_path))(progress)
+        return self._run("download", uri, os.fspath(local_path), progress)
 
     def copy(self, source_uri: str, destination_uri: str, *,
              progress: Callable[[int], None] | None = None) -> TransferStats:
         """Server-side copy now."""
         self.parse(source_uri)
         self.parse(destination_uri)
-        return self._call("copy", source_uri, destination_uri)(progress)
+        return self._run("copy", source_uri, destination_uri, progress)
 
     def ls(self, uri: str) -> list[RemoteObject]:
         """The objects below a folder URI (recursively), or the one object ``uri`` names."""
         self.parse(uri)
-        return self._call("list", uri, "")()
+        return self._run("list", uri, "")
 
     def rm(self, uri: str) -> TransferStats:
         """Remove one object, or every object below a folder URI (ending in '/')."""
         self.parse(uri)
-        return self._call("delete", uri, "")()
+        return self._run("delete", uri, "")
 
     def __repr__(self) -> str:
         shown = [f"{k}={v!r}" for k, v in self.settings.items() if self.settings.sources[k] != "default"]

@@ -4,7 +4,10 @@ Keys are taken literally: no percent-decoding, so a key may hold any character
 the service allows except the few that would make the URI ambiguous (``?``,
 ``#``) or unsafe to map onto a local path (``.``/``..`` segments, ``//``).
 Two placeholders may stand in a key: ``{dispatch_id}`` and ``{node_id}``; they
-are resolved when a transfer runs inside an electron (see ``render``).
+are resolved when a transfer runs inside an electron (see ``render``). A local
+path may also start with ``{staging}`` (the staging folder of the machine the
+electron runs on) and hold ``{run}`` (the dispatch id, or a token of the task's
+process where no dispatch id is known); both are filled on the executor.
 """
 
 from __future__ import annotations
@@ -12,23 +15,35 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["StoreURI", "parse_uri", "PLACEHOLDERS", "check_template", "render"]
+__all__ = [
+    "StoreURI", "parse_uri", "PLACEHOLDERS", "STAGING", "RUN", "check_template", "render",
+    "placeholders",
+]
 
 PLACEHOLDERS = ("dispatch_id", "node_id")
+STAGING = "staging"  # local paths only, and only at the start
+RUN = "run"  # local paths only
 _BRACES = re.compile(r"\{([^{}]*)\}")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def check_template(text: str, what: str) -> None:
-    """Reject braces that are not one of the known placeholders."""
+def check_template(text: str, what: str, *, local: bool = False) -> None:
+    """Reject braces that are not one of the known placeholders (``local``: of a
+    local path, which may also hold ``{staging}`` at its start and ``{run}``)."""
+    known = PLACEHOLDERS + ((STAGING, RUN) if local else ())
     for name in _BRACES.findall(text):
-        if name not in PLACEHOLDERS:
+        if name not in known:
             raise ValueError(
                 f"{what} {text!r} has an unknown placeholder {{{name}}}: only "
-                + ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+                + ", ".join("{" + p + "}" for p in known)
                 + " are resolved"
             )
+    if local and "{" + STAGING + "}" in text and not text.startswith("{" + STAGING + "}/"):
+        raise ValueError(
+            f"{what} {text!r}: {{{STAGING}}} stands for a folder and must start the path, "
+            f"as in {{{STAGING}}}/features.npy"
+        )
     stripped = _BRACES.sub("", text)
     if "{" in stripped or "}" in stripped:
         raise ValueError(
@@ -44,6 +59,10 @@ def render(text: str, values: dict[str, str]) -> str:
 
 def has_placeholders(text: str) -> bool:
     return bool(_BRACES.search(text))
+
+
+def placeholders(text: str) -> set[str]:
+    return set(_BRACES.findall(text))
 
 
 @dataclass(frozen=True)

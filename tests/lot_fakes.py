@@ -213,3 +213,31 @@ def import_error_without(sdk_module: str, statement: str) -> str:
     assert result.returncode == 0, result.stderr
     assert "IMPORT-ERROR:" in result.stdout, result.stdout
     return result.stdout
+
+
+def __getattr__(name: str):
+    # Made on first use, so that importing this module does not import covalent
+    # (tests/conftest.py must point covalent at a temporary home first).
+    if name == "MemoryS3Strategy":
+        from covalent_lot._config import Option
+        from covalent_lot.strategies.s3 import S3Strategy
+
+        class MemoryS3Strategy(S3Strategy):
+            """S3's options and config section, served by :class:`MemoryBackend`:
+            what a TransferCall resolves and builds on the executor."""
+
+            backend_path = f"{__name__}:MemoryBackend"
+            options = {**S3Strategy.options, "fake_store": Option("str", "default", "STORES key")}
+
+        globals()[name] = MemoryS3Strategy
+        return MemoryS3Strategy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def in_memory(call, store_name: str):
+    """Point a TransferCall (or a Discard's) at the in-memory store ``store_name``,
+    with no retry delays; it still resolves its settings when it runs."""
+    target = getattr(call, "delete", call)  # a Discard runs its delete TransferCall
+    target.strategy = f"{__name__}:MemoryS3Strategy"
+    target.options = {**target.options, "fake_store": store_name, "base_delay": 0, "max_delay": 0}
+    return call

@@ -9,7 +9,7 @@ import pytest
 
 import covalent_lot as lot
 
-from .lot_fakes import STORES, sha
+from .lot_fakes import STORES, in_memory, sha
 
 URI = "s3://bkt/runs/{dispatch_id}/x.npy"
 
@@ -24,10 +24,8 @@ def context():
 
 def fake_backend(call, store_name):
     """Point a TransferCall at the in-memory backend (it is built from a path and a dict)."""
-    call.backend = "tests.lot_fakes:MemoryBackend"
-    call.settings = {**call.settings, "fake_store": store_name, "base_delay": 0, "max_delay": 0}
     STORES.pop(store_name, None)
-    return call
+    return in_memory(call, store_name)
 
 
 def tag(uri):
@@ -38,32 +36,59 @@ def tag(uri):
 
 def test_default_local_path_is_per_dispatch_and_uri():
     h = lot.handoff(URI)
-    expected = os.path.join(tempfile.gettempdir(), "covalent-lot", "{dispatch_id}", tag(URI), "x.npy")
+    # The executor's staging folder and the dispatch, both filled where it runs.
+    expected = "{staging}/{run}/" + tag(URI) + "/x.npy"
     assert h.local_path == expected
     assert h.uri == URI
     assert repr(h) == f"Handoff({URI!r}, local_path={expected!r})"
 
 
-def test_staging_dir_option_and_env(tmp_path, monkeypatch):
-    h = lot.handoff(URI, staging_dir=str(tmp_path))
-    assert h.local_path == os.path.join(str(tmp_path), "{dispatch_id}", tag(URI), "x.npy")
-    monkeypatch.setenv("COVALENT_LOT_STAGING_DIR", str(tmp_path / "env"))
+def test_default_local_path_is_under_the_default_staging_dir(context):
     h = lot.handoff(URI)
-    assert h.local_path.startswith(str(tmp_path / "env") + os.sep)
+    with context("d-1", 0):
+        assert h.path == os.path.join(tempfile.gettempdir(), "covalent-lot", "d-1", tag(URI), "x.npy")
 
 
-def test_folder_handoff_local_path_is_a_folder(tmp_path):
+def test_staging_dir_option_and_env(context, tmp_path, monkeypatch):
+    h = lot.handoff(URI, staging_dir=str(tmp_path))
+    with context("d-1", 0):
+        assert h.path == os.path.join(str(tmp_path), "d-1", tag(URI), "x.npy")
+    # The environment is read where the electron runs, not where the handoff was made.
+    h = lot.handoff(URI)
+    monkeypatch.setenv("COVALENT_LOT_STAGING_DIR", str(tmp_path / "env"))
+    with context("d-1", 0):
+        assert h.path.startswith(str(tmp_path / "env") + os.sep)
+
+
+def test_folder_handoff_local_path_is_a_folder(context, tmp_path):
     uri = "s3://bkt/runs/{dispatch_id}/features/"
     h = lot.handoff(uri, staging_dir=str(tmp_path))
-    assert h.local_path == os.path.join(str(tmp_path), "{dispatch_id}", tag(uri), "features") + "/"
+    assert h.local_path == "{staging}/{run}/" + tag(uri) + "/features/"
+    with context("d-1", 0):
+        assert h.path == os.path.join(str(tmp_path), "d-1", tag(uri), "features") + "/"
 
 
-def test_path_outside_an_electron_is_a_runtime_error():
-    h = lot.handoff(URI)
+def test_path_outside_an_electron_is_per_process_and_thread(tmp_path):
+    """No dispatch known (the client, or an executor that does not say): the default
+    path still resolves, to a token of this process and thread."""
+    import threading
+
+    h = lot.handoff(URI, staging_dir=str(tmp_path))
+    token = f"run-{os.getpid()}-{threading.get_ident()}"
+    assert h.path == os.path.join(str(tmp_path), token, tag(URI), "x.npy")
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(h.path))
+    thread.start()
+    thread.join()
+    assert seen[0] != h.path and seen[0].startswith(str(tmp_path) + os.sep)
+
+
+def test_placeholders_outside_an_electron_are_a_runtime_error(tmp_path):
+    h = lot.handoff(URI, str(tmp_path / "{dispatch_id}" / "x.npy"))
     with pytest.raises(RuntimeError) as info:
         h.path
     assert repr(h.local_path) in str(info.value)
-    assert "{dispatch_id}" in str(info.value)
+    assert "{dispatch_id}" in str(info.value) and "create_unique_workdir=True" in str(info.value)
 
 
 def test_path_inside_an_electron(context, tmp_path):
@@ -72,8 +97,7 @@ def test_path_inside_an_electron(context, tmp_path):
         assert h.path == os.path.join(str(tmp_path), "d-123", tag(URI), "x.npy")
     with context("d-123", 7):  # a consumer on the same machine: the same file
         assert h.path == os.path.join(str(tmp_path), "d-123", tag(URI), "x.npy")
-    with pytest.raises(RuntimeError):
-        h.path  # the context is gone again
+    assert "d-123" not in h.path  # the context is gone again
 
 
 def test_explicit_local_path_without_placeholders(tmp_path):

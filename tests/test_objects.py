@@ -14,7 +14,7 @@ import covalent_lot as lot
 from covalent_lot import _objects
 from covalent_lot._errors import ErrorKind
 
-from .lot_fakes import STORES, FakeServiceError, MemoryBackend, run_python
+from .lot_fakes import STORES, FakeServiceError, MemoryBackend, in_memory, run_python
 from .test_handoff import tag
 
 np = pytest.importorskip("numpy")
@@ -227,15 +227,22 @@ def store(request):
 
 def memory(call, store):
     """Point a TransferCall (or a Discard's) at ``store``."""
-    target = getattr(call, "delete", call)  # a Discard runs its delete TransferCall
-    target.backend = "tests.lot_fakes:MemoryBackend"
-    target.settings = {**target.settings, "fake_store": store, "base_delay": 0, "max_delay": 0}
-    return call
+    return in_memory(call, store)
 
 
 class DenyingBackend(MemoryBackend):
     def delete(self, location):
         raise FakeServiceError(ErrorKind.DENIED, "no delete permission")
+
+
+def __getattr__(name):
+    if name == "DenyingStrategy":  # made on first use: importing it imports covalent
+        from tests import lot_fakes
+
+        strategy = type(name, (lot_fakes.MemoryS3Strategy,), {"backend_path": f"{__name__}:DenyingBackend"})
+        globals()[name] = strategy
+        return strategy
+    raise AttributeError(name)
 
 
 def produce(h, context, store, data=b"features", node=0):
@@ -300,7 +307,7 @@ def test_discard_never_fails_the_electron(context, tmp_path, store, caplog):
     h = lot.handoff("s3://bkt/runs/{dispatch_id}/x.bin", staging_dir=str(tmp_path))
     gone = memory(h._discard(), store)
     denied = memory(h._discard(), store)
-    denied.delete.backend = f"{__name__}:DenyingBackend"
+    denied.delete.strategy = f"{__name__}:DenyingStrategy"
     MemoryBackend({"fake_store": store}).add("bkt", "runs/d-5/x.bin", b"1")
     caplog.set_level(logging.INFO, logger="covalent_lot")
     with context("d-5", 3):

@@ -66,6 +66,7 @@ def test_auto_uses_asyncssh_when_installed():
 def test_without_asyncssh_auto_falls_back_and_asyncssh_says_how_to_install():
     result = run_python("""
         import sys
+        import covalent  # its executor plugins (covalent-ssh-plugin) import asyncssh
         sys.modules["asyncssh"] = None
         from covalent_lot.strategies.sftp import _use_asyncssh
         print("AUTO", _use_asyncssh("auto"))
