@@ -172,6 +172,34 @@ def covalent_server(kits, lot_session_dir):
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def host2(kits, covalent_server):
+    """A second host: sshd in its own mount namespace (private /tmp), with its own
+    HOME, venvs (covalent-lot installed from this checkout, not editable),
+    covalent.conf ``[lot.*]``, credentials files and staging dir, configured from
+    the started storage kits; reached through covalent-ssh-plugin via a Host entry
+    in the Covalent server's ~/.ssh/config. See _host2.py."""
+    _host2 = _kits.load_sibling("_host2")
+    if not os.path.exists(_host2.SSHD_BIN) or os.geteuid() != 0:
+        if os.environ.get("CI"):
+            raise RuntimeError("the second host needs root and openssh-server (.ci/run installs it)")
+        pytest.skip("the second host needs root and openssh-server (/usr/sbin/sshd)")
+    mode = os.environ.get("LOT_HOST2_MODE") or _host2.detect_mode()
+    host = _host2.SecondHost(Path(__file__).resolve().parent.parent, mode=mode)
+    try:
+        for kit in kits.values():
+            host.configure(kit.env)
+        host.start()
+        host.install_ssh_config(covalent_server.home_dir)
+        seconds = host.venvs.seconds
+        # In the test output's summary: which kind of second host this run had.
+        report(f"second host: mode {host.mode} ({host!r}); venvs built in "
+               f"{seconds['total']:.1f}s, sshd up in {host.start_seconds:.2f}s")
+        yield host
+    finally:
+        host.stop()
+
+
 def _sync_client_config(server) -> None:
     """Make an already-imported covalent in this process talk to ``server``.
 
@@ -196,6 +224,26 @@ def _sync_client_config(server) -> None:
     )
     manager.set("dispatcher.address", _servers.LOOPBACK)
     manager.set("dispatcher.port", server.port)
+
+
+_REPORT: list[str] = []
+
+
+def report(line: str) -> None:
+    """A line for the end of the test output (facts a run should show, not assert)."""
+    _REPORT.append(line)
+
+
+@pytest.fixture(scope="session")
+def lot_report():
+    return report
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT:
+        terminalreporter.section("covalent-lot integration report")
+        for line in _REPORT:
+            terminalreporter.write_line(line)
 
 
 @pytest.hookimpl(trylast=True)
