@@ -200,6 +200,42 @@ def host2(kits, covalent_server):
         host.stop()
 
 
+def _kits_env(kits) -> dict:
+    env: dict = {}
+    for kit in kits.values():
+        env.update(kit.env)
+    return env
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(kits, lot_session_dir):
+    """A real Dask cluster: ``dask scheduler`` + two ``dask worker`` processes, each
+    worker with its own HOME and staging dir, the storage kits' environment in
+    theirs. See _dask_cluster.py."""
+    cluster = _kits.load_sibling("_dask_cluster").DaskCluster(
+        lot_session_dir / "dask-cluster", workers=2, base_env=_kits_env(kits))
+    cluster.start()
+    report(f"dask cluster: scheduler + 2 workers up in {cluster.start_seconds:.1f}s")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def legacy_server(kits, lot_session_dir):
+    """A second private Covalent server started with COVALENT_USE_OLD_DASK=1: its
+    DaskExecutor takes the legacy path (wrapper_fn, no ct.get_context()). Reached
+    with dispatcher_addr=legacy_server.url; no dask cluster of its own."""
+    server = _kits.load_sibling("_dask_cluster").legacy_server(
+        lot_session_dir / "legacy-covalent", env_extra=_kits_env(kits))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def _sync_client_config(server) -> None:
     """Make an already-imported covalent in this process talk to ``server``.
 

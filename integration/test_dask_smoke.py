@@ -53,29 +53,16 @@ def smoke_dir(lot_session_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(smoke_dir):
-    cluster = _dc.DaskCluster(smoke_dir / "cluster", workers=2)
-    cluster.start()
-    try:
-        _timed("cluster2_start", cluster.start_seconds)
-        yield cluster
-    finally:
-        t0 = time.monotonic()
-        cluster.stop()
-        _timed("cluster2_stop", time.monotonic() - t0)
+def cluster(dask_cluster):
+    """The session's cluster (conftest.py), started once for every test file."""
+    _timed("cluster2_start", dask_cluster.start_seconds)
+    return dask_cluster
 
 
 @pytest.fixture(scope="module")
-def legacy(smoke_dir):
-    server = _dc.legacy_server(smoke_dir / "legacy")
-    server.start()
-    try:
-        _timed("legacy_server_start", server.start_seconds)
-        yield server
-    finally:
-        t0 = time.monotonic()
-        server.stop()
-        _timed("legacy_server_stop", time.monotonic() - t0)
+def legacy(legacy_server):
+    _timed("legacy_server_start", legacy_server.start_seconds)
+    return legacy_server
 
 
 # --------------------------------------------------------------------- electrons

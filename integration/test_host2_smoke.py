@@ -11,14 +11,12 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import cloudpickle
 import pytest
 
 _kits = sys.modules["lot_it__kits"]  # loaded by conftest.py
-_host2 = _kits.load_sibling("_host2")
 
 # The server and the second host cannot import this test module: ship its
 # functions by value.
@@ -27,34 +25,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 300.0  # one dispatch, start to finish
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(_host2.SSHD_BIN) or os.geteuid() != 0,
-    reason="the second host needs root and openssh-server (/usr/sbin/sshd)",
-)
-
-
-@pytest.fixture(scope="module")
-def host2(lot_session_dir):
-    mode = os.environ.get("LOT_HOST2_MODE") or _host2.detect_mode()
-    venvs = _host2.build_venvs(REPO, mode=mode)
-    try:
-        host = _host2.SecondHost(venvs=venvs, mode=mode)
-    except BaseException:
-        venvs.remove()
-        raise
-    try:
-        host.start()
-        # The Covalent server's HOME (CovalentServer.home_dir), before it starts:
-        # SSHExecutor connects to host.alias through that ~/.ssh/config.
-        host.install_ssh_config(lot_session_dir / "covalent" / "home")
-        print(f"\nsecond host: mode={host.mode} {host!r}\n"
-              f"venvs built in {venvs.seconds['total']:.1f}s "
-              f"({', '.join(f'{k} {v:.1f}s' for k, v in venvs.seconds.items() if k != 'total')}); "
-              f"sshd started in {host.start_seconds:.2f}s")
-        yield host
-    finally:
-        host.stop()
-        venvs.remove()
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +34,7 @@ def server(host2, covalent_server, lot_session_dir):
 
 
 def wait_result(dispatch_id: str, timeout: float = TIMEOUT):
-    """ct.get_result(wait=True) without a limit of its own: poll the status first."""
-    import covalent as ct
-    from covalent._shared_files.util_classes import RESULT_STATUS
-
-    deadline = time.monotonic() + timeout
-    while not RESULT_STATUS.is_terminal(ct.get_result(dispatch_id, status_only=True)["status"]):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"dispatch {dispatch_id} not finished after {timeout:.0f}s")
-        time.sleep(0.25)
-    return ct.get_result(dispatch_id, wait=True, intermediate_outputs=False)
+    return _kits.load_sibling("_dask_cluster").wait_for(dispatch_id, timeout=timeout)
 
 
 def node_text(result, node_id: int) -> str:

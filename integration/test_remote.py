@@ -322,7 +322,6 @@ def store_on_both_sides(kit, host2, tmp_path):
     """A named store ``lot-exec`` in both covalent.confs: the dispatcher's copy has a
     dead value for the backend's decisive option, the second host's the real one."""
     import copy
-    import tomllib  # noqa: F401 - py3.11, as the harness
 
     from covalent._shared_files import config
 
@@ -448,32 +447,6 @@ def test_covalent_filetransfer_with_a_folder_file_and_a_strategy(kit, bucket, ho
 
 # --- a real Dask cluster, on Covalent's managed and legacy paths --------------------------
 
-@pytest.fixture(scope="module")
-def dask_cluster(kits, lot_session_dir):
-    """``dask scheduler`` + two ``dask worker`` processes, each worker with its own
-    HOME and staging dir; the storage kits' environment in theirs."""
-    env = {}
-    for kit in kits.values():
-        env.update(kit.env)
-    cluster = _dask.DaskCluster(lot_session_dir / "dask-cluster", workers=2, base_env=env)
-    cluster.start()
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def legacy(kits, dask_cluster, lot_session_dir):
-    """A second Covalent server with COVALENT_USE_OLD_DASK=1: DaskExecutor takes the
-    legacy path (wrapper_fn, no context) there."""
-    env = {}
-    for kit in kits.values():
-        env.update(kit.env)
-    server = _dask.legacy_server(lot_session_dir / "legacy-covalent", env_extra=env)
-    server.start()
-    yield server
-    server.stop()
-
-
 def seed_lattice(h, executor):
     import numpy as np
 
@@ -490,16 +463,21 @@ def seed_lattice(h, executor):
     @ct.lattice(executor=executor)
     def seed():
         produced = produce()
-        return {"p": produced, "c": consume(produced)}
+        # Two consumers at once: with one thread per worker, the scheduler tends
+        # to put them on different workers (one reuses, one downloads).
+        return {"p": produced, "c": consume(produced), "c2": consume(produced)}
 
     return seed
 
 
-def check_seed(out, dispatch_id, cluster):
-    assert out["p"]["sha256"] == out["c"]["sha256"]
-    assert {out["p"]["staging"], out["c"]["staging"]} <= set(cluster.staging_dirs)
-    for side in ("p", "c"):  # each worker's own staging dir, under the dispatch
+def check_seed(out, dispatch_id, cluster) -> str:
+    """Both consumers verified, each in its worker's own staging dir; where they ran."""
+    for side in ("p", "c", "c2"):
+        assert out[side]["sha256"] == out["p"]["sha256"]
+        assert out[side]["staging"] in cluster.staging_dirs
         assert out[side]["path"].startswith(os.path.join(out[side]["staging"], dispatch_id) + os.sep)
+    reused = sum(out[c]["staging"] == out["p"]["staging"] for c in ("c", "c2"))
+    return f"{reused} consumer(s) on the producer's worker (local copy), {2 - reused} on the other (downloaded)"
 
 
 def test_dask_cluster_managed_path(kit, bucket, covalent_server, dask_cluster, lot_report):
@@ -508,29 +486,26 @@ def test_dask_cluster_managed_path(kit, bucket, covalent_server, dask_cluster, l
     h = lot.handoff(kit.uri(bucket, "dask/{dispatch_id}/x.npy"))
     dispatch_id, result = run(seed_lattice(h, DaskExecutor(scheduler_address=dask_cluster.address)))
     out = completed(result)
-    check_seed(out, dispatch_id, dask_cluster)
-    same = out["p"]["staging"] == out["c"]["staging"]
-    lot_report(f"dask managed {kit.name}: producer and consumer on "
-               f"{'one worker (local copy reused)' if same else 'two workers (downloaded)'}")
+    lot_report(f"dask managed {kit.name}: {check_seed(out, dispatch_id, dask_cluster)}")
 
 
-def test_dask_cluster_legacy_path(kit, bucket, legacy, dask_cluster, lot_report):
+def test_dask_cluster_legacy_path(kit, bucket, legacy_server, dask_cluster, lot_report):
     """COVALENT_USE_OLD_DASK=1: the dispatch id comes from the per-task work dir."""
     from covalent.executor import DaskExecutor
 
     workdir = str(dask_cluster.workers[0].workdir.parent / "legacy-workdir")
     unique = DaskExecutor(scheduler_address=dask_cluster.address, workdir=workdir, create_unique_workdir=True)
     h = lot.handoff(kit.uri(bucket, "legacy/{dispatch_id}/x.npy"))
-    dispatch_id = ct.dispatch(seed_lattice(h, unique), dispatcher_addr=legacy.url)()
-    out = completed(_dask.wait_for(dispatch_id, dispatcher_addr=legacy.url, timeout=TIMEOUT))
-    check_seed(out, dispatch_id, dask_cluster)
+    dispatch_id = ct.dispatch(seed_lattice(h, unique), dispatcher_addr=legacy_server.url)()
+    out = completed(_dask.wait_for(dispatch_id, dispatcher_addr=legacy_server.url, timeout=TIMEOUT))
+    placement = check_seed(out, dispatch_id, dask_cluster)
     assert stored(kit, bucket, "legacy/") == [f"legacy/{dispatch_id}/x.npy"]
 
     # Without a per-task work dir nothing tells the dispatch: the producer fails
     # before it runs, naming the option, and nothing is stored.
     plain = DaskExecutor(scheduler_address=dask_cluster.address)
-    dispatch_id = ct.dispatch(seed_lattice(h, plain), dispatcher_addr=legacy.url)()
-    result = _dask.wait_for(dispatch_id, dispatcher_addr=legacy.url, timeout=TIMEOUT)
+    dispatch_id = ct.dispatch(seed_lattice(h, plain), dispatcher_addr=legacy_server.url)()
+    result = _dask.wait_for(dispatch_id, dispatcher_addr=legacy_server.url, timeout=TIMEOUT)
     assert str(result.status) == "FAILED"
     text = explain(result)
     assert "create_unique_workdir=True" in text, text
@@ -539,8 +514,8 @@ def test_dask_cluster_legacy_path(kit, bucket, legacy, dask_cluster, lot_report)
 
     # A URI without placeholders needs no dispatch id (nor does the default local path).
     fixed = lot.handoff(kit.uri(bucket, f"fixed/{time.time_ns()}/x.npy"))
-    dispatch_id = ct.dispatch(seed_lattice(fixed, plain), dispatcher_addr=legacy.url)()
-    out = completed(_dask.wait_for(dispatch_id, dispatcher_addr=legacy.url, timeout=TIMEOUT))
+    dispatch_id = ct.dispatch(seed_lattice(fixed, plain), dispatcher_addr=legacy_server.url)()
+    out = completed(_dask.wait_for(dispatch_id, dispatcher_addr=legacy_server.url, timeout=TIMEOUT))
     assert out["p"]["sha256"] == out["c"]["sha256"]
-    lot_report(f"dask legacy {kit.name}: ok with create_unique_workdir=True; "
+    lot_report(f"dask legacy {kit.name}: {placement}; ok with create_unique_workdir=True; "
                f"without it {{dispatch_id}} fails before the producer runs")
