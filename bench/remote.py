@@ -134,12 +134,15 @@ def timed(flow, n: int, timeout: float = 900.0) -> dict:
     result = ct.get_result(dispatch_id, wait=False, intermediate_outputs=False)
     if str(result.status) != "COMPLETED":
         raise RuntimeError(f"{dispatch_id}: {result.status}: {result.error} "
-                           f"{[result.get_node_result(i).get('error') for i in range(2)]}")
-    nodes = []
-    for i in range(2):
+                           f"{[result.get_node_result(i).get('error') for i in range(3)]}")
+    seconds = {}
+    for i in range(3):  # produce, the parameter n, consume
         node = result.get_node_result(i)
-        nodes.append((node["end_time"] - node["start_time"]).total_seconds())
-    return {"wall_s": wall, "producer_s": nodes[0], "consumer_s": nodes[1], "sum": result.result}
+        name = str(node["node_name"])
+        if name.startswith(("produce_", "consume_")):  # not the parameter node of n
+            seconds[name.split("_")[0]] = (node["end_time"] - node["start_time"]).total_seconds()
+    return {"wall_s": wall, "producer_s": seconds["produce"], "consumer_s": seconds["consume"],
+            "sum": result.result}
 
 
 def plot(rows: list[dict], path: Path, size_mib: int) -> None:

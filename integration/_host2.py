@@ -92,7 +92,7 @@ __all__ = [
 MODES = ("mount-namespace", "separate-user")
 VENV_FLAVOURS = ("full", "bare", "nosdk")
 
-SSHD_BIN = "/usr/sbin/sshd"
+SSHD_BIN = _servers.SSHD_BIN
 LOOPBACK = _servers.LOOPBACK
 BASE_DIR = "/var/tmp"  # outside /tmp: the namespace covers /tmp with a tmpfs
 
@@ -812,31 +812,15 @@ class SecondHost(_servers.ServerProcess):
     # ------------------------------------------------------------ files it reads
 
     def _write_sshd_config(self) -> None:
-        lines = [
-            f"Port {self.port}",
-            f"ListenAddress {LOOPBACK}",
-            f"HostKey {self.host_key}",
-            f"PidFile {self.workdir / 'sshd.pid'}",
-            f"AuthorizedKeysFile {self.authorized_keys}",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "PermitRootLogin prohibit-password",
-            f"AllowUsers {self.user}",
-            "UsePAM no",
-            "StrictModes no",
-            "PermitUserEnvironment no",
-            "Subsystem sftp internal-sftp",
-        ]
+        extra = [f"AllowUsers {self.user}", "PermitUserEnvironment no"]
         env = dict(self.session_env)
         if self.mode == "separate-user":
             env.setdefault("TMPDIR", self.tmp)
         if env:
-            lines.append("SetEnv " + " ".join(f'"{k}={v}"' for k, v in env.items()))
-        self.sshd_config.write_text("\n".join(lines) + "\n")
-        check = subprocess.run([SSHD_BIN, "-t", "-f", str(self.sshd_config)], capture_output=True,
-                               text=True, stdin=subprocess.DEVNULL, timeout=30)
-        if check.returncode != 0:
-            raise RuntimeError(f"sshd -t -f {self.sshd_config} failed: {check.stderr}")
+            extra.append("SetEnv " + " ".join(f'"{k}={v}"' for k, v in env.items()))
+        _servers.write_sshd_config(self.sshd_config, port=self.port, host_key=self.host_key,
+                                   pid_file=self.workdir / "sshd.pid",
+                                   authorized_keys=self.authorized_keys, extra=extra)
         self._sshd_env_written = dict(self.session_env)
 
     def _write_home_files(self) -> None:

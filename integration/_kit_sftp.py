@@ -27,7 +27,7 @@ _kits = sys.modules["lot_it__kits"]
 _servers = _kits.load_sibling("_servers")
 StoreKit = _kits.StoreKit
 
-SSHD_BIN = "/usr/sbin/sshd"
+SSHD_BIN = _servers.SSHD_BIN
 USER = "root"
 SIDECAR = ".lot-sha256"
 
@@ -81,26 +81,9 @@ class SSHD(_servers.ServerProcess):
         return " ".join(self.host_key.with_name("host_key.pub").read_text().split()[:2])
 
     def _write_config(self) -> None:
-        self.config.write_text(
-            "\n".join([
-                f"Port {self.port}",
-                f"ListenAddress {_servers.LOOPBACK}",
-                f"HostKey {self.host_key}",
-                f"PidFile {self.workdir / 'sshd.pid'}",
-                f"AuthorizedKeysFile {self.authorized_keys}",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PermitRootLogin prohibit-password",
-                "UsePAM no",
-                "StrictModes no",
-                "Subsystem sftp internal-sftp",
-                "",
-            ])
-        )
-        check = subprocess.run([SSHD_BIN, "-t", "-f", str(self.config)], capture_output=True, text=True,
-                               stdin=subprocess.DEVNULL)
-        if check.returncode != 0:
-            raise RuntimeError(f"sshd -t -f {self.config} failed: {check.stderr}")
+        _servers.write_sshd_config(self.config, port=self.port, host_key=self.host_key,
+                                   pid_file=self.workdir / "sshd.pid",
+                                   authorized_keys=self.authorized_keys)
 
     def _command(self) -> list[str]:
         self.port = _servers.free_port(avoid_offsets=())

@@ -187,6 +187,49 @@ def _http_status(url: str, timeout: float = 1.0) -> Optional[int]:
         return None
 
 
+SSHD_BIN = "/usr/sbin/sshd"
+
+
+def write_sshd_config(path: Path, *, port: int, host_key: Path, pid_file: Path,
+                      authorized_keys: Path, extra: Iterable[str] = ()) -> None:
+    """An sshd_config for a private sshd on loopback (keys only, internal sftp),
+    checked with ``sshd -t``."""
+    lines = [
+        f"Port {port}",
+        f"ListenAddress {LOOPBACK}",
+        f"HostKey {host_key}",
+        f"PidFile {pid_file}",
+        f"AuthorizedKeysFile {authorized_keys}",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password",
+        "UsePAM no",
+        "StrictModes no",  # keys under /tmp
+        "Subsystem sftp internal-sftp",
+        *extra,
+    ]
+    Path(path).write_text("\n".join(lines) + "\n")
+    check = subprocess.run([SSHD_BIN, "-t", "-f", str(path)], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=30)
+    if check.returncode != 0:
+        raise RuntimeError(f"sshd -t -f {path} failed: {check.stderr}")
+
+
+def xattrs_work(directory: os.PathLike | str) -> bool:
+    """Whether files in ``directory`` take user xattrs (covalent-lot's same-host
+    shortcut records verified files in one)."""
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(directory, f".xattr-probe-{os.getpid()}-{threading.get_ident()}")
+    open(probe, "wb").close()
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.unlink(probe)
+
+
 def dir_bytes(path: os.PathLike | str) -> int:
     """Total size of the regular files under ``path`` (0 if it does not exist)."""
     total = 0

@@ -35,6 +35,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 _kits = sys.modules["lot_it__kits"]
 _dask = _kits.load_sibling("_dask_cluster")
+_servers = _kits.load_sibling("_servers")
 
 MiB = 1024 * 1024
 TIMEOUT = 300.0
@@ -170,23 +171,10 @@ def test_fan_out_to_two_hosts(kit, bucket, host2, ssh):
     expected = hashlib.sha256(blob(3, 5 * MiB)).hexdigest()
     assert out["p"]["sha256"] == out["here"]["sha256"] == out["there"]["sha256"] == expected
     assert on_host2(host2, out["there"]) and not on_host2(host2, out["here"])
-    if xattrs_work(os.environ["COVALENT_LOT_STAGING_DIR"]):
+    if _servers.xattrs_work(os.environ["COVALENT_LOT_STAGING_DIR"]):
         # No download on the producer's machine: the same file, not a new one renamed in.
         assert out["here"]["inode"] == out["p"]["inode"]
     assert out["there"]["path"].startswith(host2.staging_dir + "/")
-
-
-def xattrs_work(directory: str) -> bool:
-    os.makedirs(directory, exist_ok=True)
-    probe = os.path.join(directory, f".xattr-probe-{os.getpid()}")
-    open(probe, "wb").close()
-    try:
-        os.setxattr(probe, "user.probe", b"1")
-        return True
-    except OSError:
-        return False
-    finally:
-        os.unlink(probe)
 
 
 def test_concurrent_dispatches_on_the_ssh_executor(kit, bucket, host2, ssh):

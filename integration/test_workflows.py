@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 import uuid
 
 import cloudpickle
@@ -14,6 +13,8 @@ import pytest
 import covalent as ct
 import covalent_lot
 from covalent_lot._stream import sha256_file
+
+_servers = sys.modules["lot_it__kits"].load_sibling("_servers")
 
 # Workers cannot import this test module: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -44,19 +45,6 @@ def node_stderr(result, node_id: int) -> str:
         return str(result.get_node_result(node_id).get("stderr") or "")
     except Exception as exc:  # noqa: BLE001 - diagnostics only
         return f"<no stderr: {exc}>"
-
-
-def _xattrs_work(directory: str) -> bool:
-    os.makedirs(directory, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=directory)
-    os.close(fd)
-    try:
-        os.setxattr(probe, "user.probe", b"1")
-        return True
-    except OSError:
-        return False
-    finally:
-        os.unlink(probe)
 
 
 def test_seed_scenario_256_mib(lot_env, kit, bucket):
@@ -95,7 +83,7 @@ def test_seed_scenario_256_mib(lot_env, kit, bucket):
     assert out["consumed"]["sha256"] == out["produced"]["sha256"] == out["copied"]["sha256"]
     assert out["consumed"]["sum"] == out["produced"]["sum"]
     logs = "".join(node_stderr(result, i) for i in range(8))
-    if _xattrs_work(os.environ["COVALENT_LOT_STAGING_DIR"]):
+    if _servers.xattrs_work(os.environ["COVALENT_LOT_STAGING_DIR"]):
         assert "1 already here" in logs, logs
     assert logs.count("1/1 sha256 verified") >= 1  # the real download
     key = f"runs/{dispatch_id}/features.npy"
