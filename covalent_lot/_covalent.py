@@ -2,8 +2,9 @@
 
 Everything covalent-lot needs from Covalent goes through here, so a change in
 Covalent's private layout is mended in one place: the strategy base class,
-``File``/``FileTransfer``, scheme registration, the running electron's
-context, and covalent.conf.
+``File``/``FileTransfer``, scheme registration, which dispatch and node the
+running task belongs to (on every execution path, see :func:`run_identity`),
+and covalent.conf.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from . import _objects
 from ._covalent import FileTransfer, Order, make_file, resolve_template
 from ._logs import log_to_stderr_if_unconfigured
 from ._strategy import (
-    STAGING_PREFIX, LotStrategy, Portable, TransferCall, settings_here, staging_dir, strategy_for,
+    STAGING_PREFIX, LotStrategy, Portable, TransferCall, resolve_paths, staging_dir, strategy_for,
 )
 from ._uri import RUN, check_template
 
@@ -112,11 +112,7 @@ class Handoff:
     @property
     def path(self) -> str:
         """The local path for the electron running now (placeholders filled)."""
-        strategy = self.strategy
-        return resolve_template(
-            self.local_path,
-            lambda: staging_dir(settings_here(strategy.class_path(), strategy.explicit)),
-        )
+        return resolve_template(self.local_path, lambda: staging_dir(self.strategy.settings_here()))
 
     def upload(self) -> FileTransfer:
         """For the producer: ``@ct.electron(files=[h.upload()])``."""
@@ -221,12 +217,9 @@ class Discard(Portable):
         self.extra = delete.extra
 
     def __call__(self) -> dict:
-        def staging() -> str:
-            return staging_dir(self.delete.settings())
-
-        uri = resolve_template(self.delete.source)
-        local = resolve_template(self.local_path, staging)
-        root = None if self.staging_root is None else resolve_template(self.staging_root, staging)
+        settings = self.delete.settings()
+        uri, local = resolve_paths(settings, self.delete.source, self.local_path)
+        root = None if self.staging_root is None else resolve_paths(settings, self.staging_root)[0]
         removed = {"uri": uri, "objects": 0, "local_path": local, "local": False}
         with log_to_stderr_if_unconfigured():
             try:

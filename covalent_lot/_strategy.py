@@ -3,8 +3,9 @@
 A strategy is built on the client (from arguments, environment and
 covalent.conf, validated there). ``upload``/``download``/``cp`` return small
 callables that Covalent cloudpickles and runs on the executor; they carry only
-plain, non-secret values (URIs, paths, resolved options) and build the SDK
-client, and so resolve credentials, when they run.
+plain values (URIs, paths, the strategy's class and the options given in code)
+and resolve everything else where they run: that machine's environment and
+covalent.conf, its staging folder, the SDK client and so its credentials.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ STAGING_PREFIX = "{" + STAGING + "}/"
 
 __all__ = [
     "LotStrategy", "strategy_for", "STRATEGIES", "require_sdk", "build_engine", "settings_here",
-    "staging_dir", "TransferCall", "PreTransferHook",
+    "staging_dir", "resolve_paths", "run_transfer", "TransferCall", "PreTransferHook", "Portable",
 ]
 
 # scheme -> "module:Class"; modules are imported only when a scheme is used.
@@ -104,12 +105,17 @@ def staging_dir(settings: Mapping[str, Any]) -> str:
     return settings["staging_dir"] or os.path.join(tempfile.gettempdir(), "covalent-lot")
 
 
+def resolve_paths(settings: Mapping[str, Any], *texts: str) -> list[str]:
+    """``texts`` with their placeholders filled for the task running now, ``{staging}``
+    from ``settings``."""
+    return [resolve_template(text, lambda: staging_dir(settings)) for text in texts]
+
+
 def run_transfer(action: str, backend_path: str, settings: Mapping[str, Any], source: str,
                  destination: str, progress: Callable[[int], None] | None = None) -> Any:
     """Fill the placeholders of ``source``/``destination`` and run ``action`` (upload,
     download, copy, list, delete) with a fresh engine."""
-    source = resolve_template(source, lambda: staging_dir(settings))
-    destination = resolve_template(destination, lambda: staging_dir(settings))
+    source, destination = resolve_paths(settings, source, destination)
     with log_to_stderr_if_unconfigured():
         engine = build_engine(backend_path, settings, progress)
         try:
@@ -183,9 +189,7 @@ class PreTransferHook(Portable):
         self.extra = call.extra
 
     def __call__(self):
-        settings = self.call.settings()
-        source = resolve_template(self.call.source, lambda: staging_dir(settings))
-        destination = resolve_template(self.call.destination, lambda: staging_dir(settings))
+        source, destination = resolve_paths(self.call.settings(), self.call.source, self.call.destination)
         local = source if self.local == "source" else destination
         os.makedirs(local if self.folder else os.path.dirname(os.path.abspath(local)), exist_ok=True)
         if self.returns == FtCallDepReturnValue.TO.value:
@@ -226,6 +230,11 @@ class LotStrategy(FileTransferStrategy):
     def class_path(cls) -> str:
         """``"module:Class"``, how the executor finds this class again."""
         return f"{cls.__module__}:{cls.__name__}"
+
+    def settings_here(self) -> Settings:
+        """This strategy's settings as the process calling it resolves them: the
+        options given in code, then this machine's environment and covalent.conf."""
+        return settings_here(self.class_path(), self.explicit)
 
     # --- validation on the client -----------------------------------------------------
     def check_location(self, location: StoreURI) -> None:
