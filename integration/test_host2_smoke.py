@@ -102,10 +102,10 @@ def test_own_home_and_private_tmp(host2, lot_session_dir):
     marker = Path(tempfile.mkdtemp(prefix="host2-dispatcher-", dir="/tmp"))
     try:
         proc = host2.run(["sh", "-c", "echo $HOME; echo ---; ls -A /tmp; echo ---; ls -A ~; echo ---; "
-                                      "head -n 20 ~/.config/covalent/covalent.conf"], check=True)
+                                      "cat ~/.config/covalent/covalent.conf"], check=True)
     finally:
         marker.rmdir()
-    print(f"\n[{host2.mode}] on the second host:\n{proc.stdout}")
+    print(f"\n[{host2.mode}] on the second host:\n{proc.stdout[:2000]}")
     home, tmp_list, home_list, conf = proc.stdout.split("---\n")
     assert home.strip() == host2.home
     assert set(home_list.split()) == set(os.listdir(host2.home_dir))

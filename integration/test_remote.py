@@ -27,7 +27,6 @@ import pytest
 
 import covalent as ct
 import covalent_lot as lot
-from covalent_lot._stream import sha256_file
 
 # The server and the second host cannot import this test module: ship its
 # functions by value.
@@ -36,68 +35,18 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 _kits = sys.modules["lot_it__kits"]
 _dask = _kits.load_sibling("_dask_cluster")
 _servers = _kits.load_sibling("_servers")
+_remote = _kits.load_sibling("_remote")
 
 MiB = 1024 * 1024
-TIMEOUT = 300.0
-SIDECAR = ".lot-sha256"  # SFTP keeps the checksum beside each file
-
-
-def wait(dispatch_id: str):
-    return _dask.wait_for(dispatch_id, timeout=TIMEOUT)
-
-
-def run(lattice, *args):
-    dispatch_id = ct.dispatch(lattice)(*args)
-    return dispatch_id, wait(dispatch_id)
-
-
-def explain(result) -> str:
-    """The dispatch's error and every failed node's error, for assertion messages."""
-    lines = [f"{result.status}: {result.error}"]
-    for node in range(12):
-        try:
-            info = result.get_node_result(node)
-        except Exception:  # noqa: BLE001 - past the last node
-            break
-        if info.get("error") or str(info.get("status")) == "FAILED":
-            lines.append(f"node {node} {info.get('node_name')}: {info.get('error')} {info.get('stderr') or ''}")
-    return "\n".join(lines)
-
-
-def completed(result):
-    assert str(result.status) == "COMPLETED", explain(result)
-    return result.result
-
-
-def digest(path: str) -> str:
-    return sha256_file(path)[0]
-
-
-def blob(seed: int, size: int) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest() * 64
-        counter += 1
-    return bytes(out[:size])
-
-
-def where() -> dict:
-    """What an electron reports of the machine it runs on."""
-    return {"prefix": sys.prefix, "home": os.path.expanduser("~"), "pid": os.getpid()}
-
-
-def stored(kit, bucket: str, prefix: str = "") -> list[str]:
-    return sorted(k for k in kit.list_keys(bucket, prefix) if not k.endswith(SIDECAR))
+TIMEOUT = _remote.TIMEOUT
+wait, run, explain, completed = _remote.wait, _remote.run, _remote.explain, _remote.completed
+digest, blob, where, on_host2, stored = (
+    _remote.digest, _remote.blob, _remote.where, _remote.on_host2, _remote.stored)
 
 
 @pytest.fixture
 def ssh(host2, kit):
     return host2.executor()
-
-
-def on_host2(host2, report: dict) -> bool:
-    return report["prefix"].startswith(str(host2.workdir)) and report["home"] == host2.home
 
 
 def test_seed_scenario_both_ways(kit, bucket, host2, ssh):
