@@ -159,6 +159,9 @@ def test_removal_after_use(lot_env, kit, bucket):
     for name in ("once", "fan"):  # with an SFTP sidecar, if any
         assert not [k for k in keys if k.startswith(f"rm/{dispatch_id}/{name}.bin")], keys
     assert f"rm/{dispatch_id}/kept.bin" in keys  # a failed consumer removes nothing
-    local = {name: h.local_path.replace("{dispatch_id}", dispatch_id) for name, h in hs.items()}
+    # The default local paths, as the electrons resolved them (this machine's staging dir).
+    staging = os.environ["COVALENT_LOT_STAGING_DIR"]
+    local = {name: h.local_path.replace("{staging}", staging).replace("{run}", dispatch_id)
+             for name, h in hs.items()}
     assert not os.path.exists(local["once"]) and not os.path.exists(local["fan"])
     assert os.path.isfile(local["kept"])
