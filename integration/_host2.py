@@ -66,19 +66,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 
-def _load_servers():
-    # Same loading scheme as the conftest (one copy of each helper module),
-    # and usable without it (e.g. from a plain script).
-    kits = sys.modules.get("lot_it__kits")
-    if kits is None:
-        spec = importlib.util.spec_from_file_location("lot_it__kits", Path(__file__).with_name("_kits.py"))
-        kits = importlib.util.module_from_spec(spec)
-        sys.modules["lot_it__kits"] = kits
-        spec.loader.exec_module(kits)
-    return kits.load_sibling("_servers")
-
-
-_servers = _load_servers()
+# Helper modules are loaded through _kits.load_sibling (by conftest.py, or by
+# bench/suite.py's loader), so that there is one copy of _servers.
+_servers = sys.modules["lot_it__kits"].load_sibling("_servers")
 
 __all__ = [
     "MODES",

@@ -37,7 +37,6 @@ covalent_slurm_plugin is imported by :meth:`SlurmCluster.executor` only.
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import os
 import shlex
 import shutil
@@ -50,17 +49,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 
-def _load_sibling(name: str):
-    kits = sys.modules.get("lot_it__kits")
-    if kits is None:
-        spec = importlib.util.spec_from_file_location("lot_it__kits", Path(__file__).with_name("_kits.py"))
-        kits = importlib.util.module_from_spec(spec)
-        sys.modules["lot_it__kits"] = kits
-        spec.loader.exec_module(kits)
-    return kits.load_sibling(name)
-
-
-_servers = _load_sibling("_servers")
+# Loaded through _kits.load_sibling (conftest.py loads _kits): one copy of _servers.
+_servers = sys.modules["lot_it__kits"].load_sibling("_servers")
 
 __all__ = ["REQUIRED_PROGRAMS", "missing_programs", "SlurmCluster"]
 
