@@ -157,6 +157,7 @@ def plot(rows: list[dict], path: Path, size_mib: int) -> None:
     ax.barh(names, walls, color=["#888" if "value" in n else "#4a7" if "floor" in n else "#37c" for n in names])
     for y, w in enumerate(walls):
         ax.text(w, y, f" {w:.1f} s", va="center", fontsize=8)
+    ax.set_xlim(0, max(walls) * 1.15)  # room for the labels
     ax.set_xlabel(f"wall seconds, {size_mib} MiB seed scenario (lower is better)")
     ax.set_title("covalent-ssh-plugin SSHExecutor, second host on loopback")
     fig.tight_layout()
