@@ -157,6 +157,11 @@ COMMON_OPTIONS: dict[str, Option] = {
     "staging_dir": Option(
         "str", None, "local folder for handoff files (default: <tempdir>/covalent-lot)"
     ),
+    "cache_limit": Option(
+        "size", 10 * 2**30,
+        "most bytes of verified local copies kept in staging_dir; beyond it the least recently "
+        "used ones that no electron holds are removed after each transfer", 0,
+    ),
     "verify": Option("bool", True, "store and verify sha256 checksums"),
     "max_files": Option("int", 8, "files moved at once in a folder transfer", 1),
     "reuse_local": Option(

@@ -20,7 +20,9 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from ._errors import ChecksumMismatchError, Classified, translate
 from ._retry import RetryPolicy
-from ._stream import TEMP_MARK, VerifyingSink, atomic_download, holds_verified, mark_verified, sha256_file
+from ._stream import (
+    TEMP_MARK, VerifyingSink, atomic_download, holds_verified, mark_verified, recorded_sha256, sha256_file,
+)
 from ._uri import StoreURI
 
 __all__ = ["Backend", "RemoteObject", "TransferStats", "Engine", "local_path_for_key", "epoch_seconds"]
@@ -338,8 +340,13 @@ class Engine:
     def _upload_one(self, path: str, destination: StoreURI, stats: TransferStats) -> None:
         before = os.stat(path)
         hashing = None
+        recorded = recorded_sha256(path) if self.verify and self._reuse_local else None
         if not self.verify:
             sha256 = None
+        elif recorded is not None:
+            # Hashed when it was written here (an offloaded value) or verified by a
+            # download, unchanged since: the same trust as reuse_local's.
+            sha256 = recorded
         elif self.backend.checksum_after_upload:
             # The digest is needed only after the bytes: hash alongside the upload.
             hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="covalent-lot-sha256")

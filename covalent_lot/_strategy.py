@@ -17,7 +17,7 @@ import sys
 import tempfile
 from typing import Any, Callable, ClassVar, Mapping
 
-from . import _covalent, _portable
+from . import _cache, _covalent, _portable
 from ._config import Option, Settings, resolve
 from ._covalent import FileTransferStrategy, FtCallDepReturnValue, original_path, resolve_template
 from ._engine import Engine, RemoteObject, TransferStats
@@ -29,7 +29,7 @@ STAGING_PREFIX = "{" + STAGING + "}/"
 
 __all__ = [
     "LotStrategy", "strategy_for", "STRATEGIES", "require_sdk", "build_engine", "settings_here",
-    "staging_dir", "resolve_paths", "run_transfer", "TransferCall", "PreTransferHook", "Portable",
+    "staging_dir", "keep_bounded", "resolve_paths", "run_transfer", "TransferCall", "PreTransferHook", "Portable",
 ]
 
 # scheme -> "module:Class"; modules are imported only when a scheme is used.
@@ -132,6 +132,25 @@ def run_transfer(action: str, backend_path: str, settings: Mapping[str, Any], so
             engine.backend.close()
 
 
+def keep_bounded(settings: Mapping[str, Any], local: str, hold: bool = False) -> None:
+    """After a transfer that left ``local`` in the staging folder: trim the folder to
+    ``cache_limit`` (see _cache). ``hold``: keep ``local`` (a file, or the files of a
+    folder) from eviction until this process ends, for the electron that reads it."""
+    root = os.path.abspath(staging_dir(settings))
+    if not os.path.abspath(local).startswith(root + os.sep):
+        return
+    if hold:
+        paths = [local] if not local.endswith("/") else [
+            os.path.join(folder, name) for folder, _dirs, names in os.walk(local) for name in names
+        ]
+        for path in paths:
+            _cache.hold_until_exit(path)
+    try:
+        _cache.trim(root, settings["cache_limit"])
+    except OSError as exc:  # tidying up must not fail the transfer it follows
+        _cache.log.warning("could not trim the local cache %s: %s", root, exc)
+
+
 class Portable:
     """Pickles as plain values that rebuild the object on the executor (see _portable)."""
 
@@ -170,7 +189,11 @@ class TransferCall(Portable):
         """Run it (Covalent calls it with no arguments); ``progress(nbytes)`` as bytes move."""
         settings = self.settings()
         backend = _load(self.strategy).backend_path
-        return run_transfer(self.action, backend, settings, self.source, self.destination, progress)
+        stats = run_transfer(self.action, backend, settings, self.source, self.destination, progress)
+        if self.action in ("upload", "download"):
+            local = resolve_paths(settings, self.source if self.action == "upload" else self.destination)[0]
+            keep_bounded(settings, local, hold=self.action == "download")
+        return stats
 
     def __repr__(self) -> str:
         return f"<covalent-lot {self.action} {self.source} -> {self.destination}>"

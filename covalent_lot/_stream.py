@@ -294,12 +294,35 @@ def mark_verified(path_or_fd, sha256: str) -> None:
 def holds_verified(path: str, sha256: str, size: int) -> bool:
     """True if ``path`` is a file recorded with ``sha256`` and unchanged since (size, mtime)."""
     try:
+        matches = os.stat(path).st_size == size
+    except OSError:
+        return False
+    return matches and recorded_sha256(path) == sha256
+
+
+def recorded_sha256(path: str) -> str | None:
+    """The sha256 recorded for ``path`` by :func:`mark_verified`, if the file is
+    unchanged since (size and mtime); else None."""
+    try:
         st = os.stat(path)
         value = os.getxattr(path, LOCAL_ATTR).decode("ascii").split()
     except (OSError, AttributeError, UnicodeDecodeError):
-        return False
-    return (len(value) == 3 and value[0] == sha256 and st.st_size == size
-            and value[1] == str(st.st_size) and value[2] == str(st.st_mtime_ns))
+        return None
+    if len(value) == 3 and value[1] == str(st.st_size) and value[2] == str(st.st_mtime_ns):
+        return value[0]
+    return None
+
+
+def hold_while_writing(fd: int) -> None:
+    """Lock a partial file for as long as its writer has it open, so that the
+    staging folder's trim (``_cache``) can tell a live partial from one whose
+    writer is gone."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (ImportError, OSError):  # no flock here: partials are then never removed
+        pass
 
 
 @contextlib.contextmanager
@@ -327,6 +350,7 @@ def atomic_download(final_path: str, fsync: bool = True) -> Iterator[tuple[Binar
         ) from exc
     temp_path = os.path.join(parent, temp_name(os.path.basename(final_path)))
     f = open(temp_path, "xb+", buffering=1024 * 1024)
+    hold_while_writing(f.fileno())
     try:
         yield f, temp_path
         f.flush()
