@@ -30,12 +30,14 @@ __version__ = "0.1.0"
 __all__ = [
     "ChecksumMismatchError",
     "Handoff",
+    "Ref",
     "RetryPolicy",
     "StoreURI",
     "TransferStats",
     "cleanup",
     "download",
     "handoff",
+    "offload",
     "parse_uri",
     "register",
     "strategy_for",
@@ -51,11 +53,14 @@ _LAZY = {
     "register": "._strategy",
     "strategy_for": "._strategy",
     "TransferStats": "._engine",
+    "offload": "._offload",
+    "Ref": "._offload",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._engine import TransferStats
     from ._handoff import Handoff, cleanup, download, handoff, upload
+    from ._offload import Ref, offload
     from ._strategy import register, strategy_for
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 __all__ = [
-    "Option", "Settings", "resolve", "parse_size", "COMMON_OPTIONS", "BACKEND_SECTIONS", "STORE",
+    "Option", "Settings", "resolve", "parse_size", "COMMON_OPTIONS", "BACKEND_SECTIONS", "STORE", "LOT_ONLY_KEYS",
 ]
 
 BACKEND_SECTIONS = ("s3", "gcs", "azure", "sftp")
@@ -177,6 +177,13 @@ COMMON_OPTIONS: dict[str, Option] = {
 }
 
 
+# Keys of [lot] that belong to no backend: read where they are used.
+LOT_ONLY_KEYS = {
+    "offload_to": "folder URI @lot.offload stores values below when it is given no to= "
+                  "(env COVALENT_LOT_OFFLOAD_TO)",
+}
+
+
 class Settings(Mapping[str, Any]):
     """Resolved option values, plus where each came from (for messages and doctor)."""
 
@@ -235,8 +242,8 @@ def _check_conf(section: str, conf: Any, all_specs: Mapping[str, Option]) -> Map
         if isinstance(value, Mapping):  # a table: a backend section, mistyped
             raise ValueError(f"covalent.conf: unknown key {name!r} in [lot] (section "
                              f"[lot.{name}]){_suggest(name, BACKEND_SECTIONS)}")
-        if name not in COMMON_OPTIONS:
-            hint = _suggest(name, list(COMMON_OPTIONS) + list(BACKEND_SECTIONS))
+        if name not in COMMON_OPTIONS and name not in LOT_ONLY_KEYS:
+            hint = _suggest(name, list(COMMON_OPTIONS) + list(LOT_ONLY_KEYS) + list(BACKEND_SECTIONS))
             raise ValueError(f"covalent.conf: unknown key {name!r} in [lot]{hint}")
     for name in section_conf:
         if name == STORE:

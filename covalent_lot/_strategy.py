@@ -29,7 +29,7 @@ STAGING_PREFIX = "{" + STAGING + "}/"
 
 __all__ = [
     "LotStrategy", "strategy_for", "STRATEGIES", "require_sdk", "build_engine", "settings_here",
-    "staging_dir", "keep_bounded", "resolve_paths", "run_transfer", "TransferCall", "PreTransferHook", "Portable",
+    "staging_dir", "staging_dirs_here", "keep_bounded", "resolve_paths", "run_transfer", "TransferCall", "PreTransferHook", "Portable",
 ]
 
 # scheme -> "module:Class"; modules are imported only when a scheme is used.
@@ -103,6 +103,22 @@ def settings_here(strategy: str, options: Mapping[str, Any]) -> Settings:
 def staging_dir(settings: Mapping[str, Any]) -> str:
     """The staging folder of ``settings``: ``staging_dir``, else <tempdir>/covalent-lot."""
     return settings["staging_dir"] or os.path.join(tempfile.gettempdir(), "covalent-lot")
+
+
+def staging_dirs_here() -> list[str]:
+    """The staging folders this machine's settings name, one per distinct folder
+    (``staging_dir`` may differ between backends)."""
+    from ._config import BACKEND_SECTIONS
+
+    found: list[str] = []
+    for scheme, path in STRATEGIES.items():
+        cls = _load(path)
+        if cls.section not in BACKEND_SECTIONS:
+            continue
+        folder = staging_dir(resolve(cls.section, cls.options, {}))
+        if folder not in found:
+            found.append(folder)
+    return found
 
 
 def resolve_paths(settings: Mapping[str, Any], *texts: str) -> list[str]:

@@ -295,7 +295,44 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc_local(args: argparse.Namespace) -> int:
+    from ._cache import trim
+    from ._strategy import staging_dirs_here
+
+    if args.prefix is not None or args.dispatch is not None or args.older_than is not None:
+        raise UsageError("gc --local empties this machine's staging folder; it takes no PREFIX, "
+                         "--dispatch or --older-than (run gc on a store separately)")
+    records, lines = [], []
+    for root in staging_dirs_here():
+        if args.dry_run:
+            from ._cache import TrimReport
+
+            report = TrimReport(os.path.abspath(root), 0)
+        else:
+            report = trim(root, 0, everything=True) if os.path.isdir(root) else None
+        if report is None:
+            lines.append(f"gc --local {root}: nothing there")
+            continue
+        records.append({"staging_dir": report.root, "files": report.evicted,
+                        "bytes": report.evicted_bytes, "partials": report.stale_partials,
+                        "held": report.held_skipped, "left_bytes": report.size_after,
+                        "dry_run": args.dry_run})
+        if args.dry_run:
+            lines.append(f"gc --local {root}: dry run, nothing removed")
+        else:
+            lines.append(f"gc --local {report.root}: removed {report.evicted} verified copies "
+                         f"({human_size(report.evicted_bytes)}) and {report.stale_partials} abandoned "
+                         f"partial(s); kept {human_size(report.size_after)} (files in use, or not "
+                         f"copies of stored objects)")
+    emit(args, {"local": records}, lambda: lines)
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
+    if args.local:
+        return cmd_gc_local(args)
+    if args.prefix is None:
+        raise UsageError("gc needs a PREFIX (a folder URI such as s3://bucket/runs/), or --local")
     if args.dispatch is None and args.older_than is None:
         raise UsageError(
             "gc needs --dispatch ID and/or --older-than AGE: without either it would remove "
@@ -379,6 +416,7 @@ examples:
   covalent-lot gc s3://my-bucket/runs/ --dispatch 3f2a9c1e-...
   covalent-lot gc s3://my-bucket/runs/ --older-than 7d        also 12h, 30m, 90s, 2w
   covalent-lot gc s3://my-bucket/runs/ --dispatch ID --older-than 1d   (both must hold)
+  covalent-lot gc --local        empty this machine's staging folder (the local cache)
 
 covalent-lot URIs use {dispatch_id} as a key segment (runs/{dispatch_id}/x.npy),
 so --dispatch removes one dispatch's intermediates. --older-than goes by the
@@ -430,7 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", metavar="URI", help="an object URI, or with --recursive a folder URI")
     p.add_argument("-r", "--recursive", action="store_true", help="remove a folder URI's objects")
     p = command("gc", cmd_gc, "remove the intermediates dispatches left below a prefix")
-    p.add_argument("prefix", metavar="PREFIX", help="folder URI to clean up below, e.g. s3://bucket/runs/")
+    p.add_argument("prefix", metavar="PREFIX", nargs="?",
+                   help="folder URI to clean up below, e.g. s3://bucket/runs/")
+    p.add_argument("--local", action="store_true",
+                   help="instead: empty this machine's staging folder (verified copies no one holds)")
     p.add_argument("--dispatch", metavar="ID", help="objects whose key has ID as a path segment")
     p.add_argument("--older-than", metavar="AGE", type=parse_age,
                    help="objects last modified longer ago than AGE (90s, 30m, 12h, 7d, 2w)")
