@@ -202,14 +202,26 @@ def run(fn: Callable, plan: dict, args: tuple, kwargs: dict) -> Any:
 
 
 def _resolve_refs(value: Any, mmap: bool, held: contextlib.ExitStack) -> Any:
+    """``value`` with every Ref in it (also in lists, tuples, dicts) loaded; a
+    container without a Ref is passed on as it is, not copied."""
     if isinstance(value, Ref):
         return _load_ref(value, mmap, held)
     if isinstance(value, dict):
-        return type(value)((k, _resolve_refs(v, mmap, held)) for k, v in value.items())
-    if isinstance(value, list):
-        return [_resolve_refs(v, mmap, held) for v in value]
-    if isinstance(value, tuple):
+        items = {k: _resolve_refs(v, mmap, held) for k, v in value.items()}
+        if all(items[k] is value[k] for k in value):
+            return value
+        if type(value) is dict:
+            return items
+        try:
+            return type(value)(items)  # OrderedDict and the like
+        except TypeError:  # a dict subclass built differently (defaultdict): a plain dict
+            return items
+    if isinstance(value, (list, tuple)):
         items = [_resolve_refs(v, mmap, held) for v in value]
+        if all(new is old for new, old in zip(items, value)):
+            return value
+        if isinstance(value, list):
+            return items
         return type(value)._make(items) if hasattr(value, "_make") else tuple(items)
     return value
 
