@@ -471,3 +471,12 @@ def test_the_decorated_function_travels_by_value_and_names_what_to_install(tmp_p
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ModuleNotFoundError: covalent-lot is not installed in the Python")
+
+
+def test_loading_where_the_sdk_is_missing_names_the_extra():
+    from tests.lot_fakes import import_error_without
+
+    out = import_error_without("boto3", """from covalent_lot._offload import Ref
+            Ref("s3://bkt/lot/x.npy", "0" * 64, 1, "0" * 64, 1, "numpy", None, None, None,
+                "covalent_lot.strategies.s3:S3Strategy", {}, "s3").load()""")
+    assert "pip install covalent-lot[s3] in the Python that runs it" in out
