@@ -175,6 +175,21 @@ class MemoryBackend(Backend):
         self.closed = True
 
 
+def xattrs_work(directory) -> bool:
+    """Whether files in ``directory`` take user xattrs (where covalent-lot records
+    verified copies: the same-host shortcut and the local cache depend on it)."""
+    os.makedirs(directory, exist_ok=True)
+    probe = os.path.join(str(directory), ".xattr-probe")
+    open(probe, "wb").close()
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.unlink(probe)
+
+
 def counting(*outcomes):
     """A callable that raises/returns ``outcomes`` in turn; ``.calls`` counts calls."""
 

@@ -11,23 +11,12 @@ import pytest
 
 from covalent_lot import _cache
 from covalent_lot._stream import TEMP_MARK, atomic_download, mark_verified
-
-
-def _xattrs_work(path) -> bool:
-    probe = path / ".probe"
-    probe.write_bytes(b"")
-    try:
-        os.setxattr(probe, "user.lot-probe", b"1")
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.unlink()
+from tests.lot_fakes import xattrs_work
 
 
 @pytest.fixture
 def root(tmp_path):
-    if not _xattrs_work(tmp_path):
+    if not xattrs_work(tmp_path):
         pytest.skip("no user xattrs on this file system: no verified copies to evict")
     return tmp_path / "staging"
 

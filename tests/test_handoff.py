@@ -175,19 +175,9 @@ def test_transfer_calls_resolve_templates_when_they_run(context, tmp_path, reque
     assert stats.source == "s3://bkt/runs/d-7/x.npy"
     assert stats.destination == os.path.join(str(tmp_path), "d-7", tag(URI), "x.npy")
     # The verified file was already there: no download (where the filesystem has xattrs).
+    from tests.lot_fakes import xattrs_work
+
     assert stats.verified == 1 and stats.kept == (1 if xattrs_work(tmp_path) else 0)
-
-
-def xattrs_work(directory) -> bool:
-    probe = os.path.join(str(directory), ".xattr-probe")
-    open(probe, "wb").close()
-    try:
-        os.setxattr(probe, "user.probe", b"1")
-        return True
-    except OSError:
-        return False
-    finally:
-        os.unlink(probe)
 
 
 def test_module_level_factories(tmp_path):

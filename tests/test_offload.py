@@ -226,26 +226,16 @@ def test_without_a_local_copy_it_is_downloaded_and_verified(offload, store, stag
     shutil.rmtree(staging)
     assert np.array_equal(ref.load(), big())
     from covalent_lot._stream import holds_verified
+    from tests.lot_fakes import xattrs_work
 
     local = staging / "objects" / ref.raw_sha256[:2] / (ref.raw_sha256 + ".npy")
-    assert holds_verified(str(local), ref.raw_sha256, ref.raw_size) or not _xattrs(staging)
-
-
-def _xattrs(path) -> bool:
-    probe = path / ".probe"
-    probe.write_bytes(b"")
-    try:
-        os.setxattr(probe, "user.lot-probe", b"1")
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.unlink()
+    assert holds_verified(str(local), ref.raw_sha256, ref.raw_size) or not xattrs_work(staging)
 
 
 def test_a_consumer_holds_its_inputs_while_it_runs(offload, staging):
     import covalent_lot as lot
     from covalent_lot import _cache
+    from tests.lot_fakes import xattrs_work
 
     @offload()
     def produce():
@@ -260,7 +250,7 @@ def test_a_consumer_holds_its_inputs_while_it_runs(offload, staging):
         assert report.held_skipped == 1 and local.exists()
         return float(a.sum())
 
-    if not _xattrs(staging):
+    if not xattrs_work(staging):
         pytest.skip("no xattrs here: nothing is a verified copy, nothing is evicted")
     assert consume(ref) == pytest.approx(big().sum())
     assert _cache.trim(str(staging), 0).evicted == 1 and not local.exists()  # released
