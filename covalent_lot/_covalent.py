@@ -38,6 +38,7 @@ __all__ = [
     "run_identity",
     "resolve_template",
     "make_file",
+    "is_electron",
     "original_path",
     "register_scheme",
     "register_remote_scheme",
@@ -171,6 +172,15 @@ def resolve_template(text: str, staging: Callable[[], str] | None = None) -> str
         values.update(context or {})
         values[RUN] = context["dispatch_id"] if context else f"run-{os.getpid()}-{threading.get_ident()}"
     return render(text, values)
+
+
+def is_electron(obj: Any) -> bool:
+    """Whether ``obj`` is already a Covalent electron or lattice (a decorated function)."""
+    from covalent._workflow.electron import Electron
+    from covalent._workflow.lattice import Lattice
+
+    # @ct.electron returns a plain function that keeps its Electron here.
+    return isinstance(obj, (Electron, Lattice)) or isinstance(getattr(obj, "electron_object", None), Electron)
 
 
 def make_file(text: str, *, remote: bool, is_dir: bool) -> File:

@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 from . import _cache, _objects, _portable
 from ._config import parse_size
-from ._covalent import run_context
+from ._covalent import is_electron, run_context
 from ._errors import ChecksumMismatchError
 from ._logs import log_to_stderr_if_unconfigured
 from ._strategy import (
@@ -150,6 +150,11 @@ def offload(fn: Callable | None = None, *, to: str | None = None, min_size: int 
                                  compress=compress, mmap=mmap, strategy=strategy, **options)
     if not callable(fn):
         raise TypeError(f"offload decorates a function, got {fn!r}; write @lot.offload or @lot.offload(...)")
+    if is_electron(fn):
+        raise TypeError(
+            f"@lot.offload goes under @ct.electron, not above it: write @ct.electron, then "
+            f"@lot.offload(...), then def {getattr(fn, '__name__', 'f')}(...)"
+        )
     plan = _plan(fn, to, min_size, dedup, compress, mmap, strategy, options)
     return _portable.offloaded(fn, plan)
 
@@ -178,7 +183,8 @@ def _plan(fn: Callable, to: str | None, min_size: Any, dedup: Any, compress: Any
         strategy, options = built.class_path(), dict(built.explicit)
     else:
         prefix = None
-    return {"to": prefix, "min_size": limit, "dedup": dedup, "compress": compress, "mmap": mmap,
+    extra = _load(strategy).extra if strategy is not None else "all"
+    return {"to": prefix, "extra": extra, "min_size": limit, "dedup": dedup, "compress": compress, "mmap": mmap,
             "options": options, "strategy": strategy, "name": getattr(fn, "__name__", "value")}
 
 

@@ -47,7 +47,7 @@ def offloaded(fn, plan: dict):
         except ModuleNotFoundError as exc:
             if (exc.name or "").partition(".")[0] != "covalent_lot":
                 raise
-            rebuild("covalent_lot._offload", "Ref", {}, "all")  # raises the one-line error
+            rebuild("covalent_lot._offload", "Ref", {}, plan.get("extra", "all"))  # the one-line error
             raise
         return _offload.run(fn, plan, args, kwargs)
 

@@ -461,6 +461,7 @@ def test_the_decorated_function_travels_by_value_and_names_what_to_install(tmp_p
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ModuleNotFoundError: covalent-lot is not installed in the Python")
+    assert "pip install covalent-lot[s3] there" in result.stdout
 
 
 def test_loading_where_the_sdk_is_missing_names_the_extra():
@@ -470,3 +471,16 @@ def test_loading_where_the_sdk_is_missing_names_the_extra():
             Ref("s3://bkt/lot/x.npy", "0" * 64, 1, "0" * 64, 1, "numpy", None, None, None,
                 "covalent_lot.strategies.s3:S3Strategy", {}, "s3").load()""")
     assert "pip install covalent-lot[s3] in the Python that runs it" in out
+
+
+def test_offload_above_the_electron_says_where_it_goes():
+    import covalent as ct
+
+    import covalent_lot as lot
+
+    @ct.electron
+    def produce():
+        return 1
+
+    with pytest.raises(TypeError, match="@lot.offload goes under @ct.electron"):
+        lot.offload(produce)
