@@ -363,41 +363,44 @@ def store(value: Any, plan: dict) -> Any:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(incoming)
-    mark_verified(encoded, raw_sha)
-    encode_s = time.perf_counter() - started
-    compress = _should_compress(encoded, plan["compress"])
-    suffix = _SUFFIX[codec] + (ZSTD_SUFFIX if compress else "")
-    ids = run_context()
-    if plan["dedup"]:
-        key = f"{prefix}sha256/{raw_sha}{suffix}"
-    elif ids is not None:
-        key = f"{prefix}{ids['dispatch_id']}/{ids['node_id']}/{plan['name']}-{raw_sha[:16]}{suffix}"
-    else:
-        key = f"{prefix}run-{uuid.uuid4().hex[:16]}/{plan['name']}-{raw_sha[:16]}{suffix}"
-    location = parse_uri(key)
-    engine = build_engine(cls.backend_path, settings)
-    try:
-        existing = _existing(engine, location) if plan["dedup"] else None
-        if existing is not None:
-            sha, size = existing
-            log.info("%s: %s already holds these bytes (sha256 %s): not uploaded again",
-                     plan["name"], key, raw_sha[:12])
-        elif compress:
-            packed = encoded + ZSTD_SUFFIX
-            sha, size = _compress(encoded, packed)
-            try:
-                stats = engine.upload(packed, location)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(packed)
-            log.info("%s: stored %s (zstd %d -> %d bytes) in %.2f s", plan["name"], key, raw_size,
-                     size, encode_s + stats.seconds)
+    with _cache.pin(encoded):  # no trim elsewhere removes it before it is uploaded
+        mark_verified(encoded, raw_sha)
+        encode_s = time.perf_counter() - started
+        compress = _should_compress(encoded, plan["compress"])
+        suffix = _SUFFIX[codec] + (ZSTD_SUFFIX if compress else "")
+        ids = run_context()
+        if plan["dedup"]:
+            key = f"{prefix}sha256/{raw_sha}{suffix}"
+        elif ids is not None:
+            key = f"{prefix}{ids['dispatch_id']}/{ids['node_id']}/{plan['name']}-{raw_sha[:16]}{suffix}"
         else:
-            stats = engine.upload(encoded, location)
-            sha, size = raw_sha, raw_size
-            log.info("%s: stored %s (%d bytes) in %.2f s", plan["name"], key, size, encode_s + stats.seconds)
-    finally:
-        engine.backend.close()
+            key = f"{prefix}run-{uuid.uuid4().hex[:16]}/{plan['name']}-{raw_sha[:16]}{suffix}"
+        location = parse_uri(key)
+        engine = build_engine(cls.backend_path, settings)
+        try:
+            existing = _existing(engine, location) if plan["dedup"] else None
+            if existing is not None:
+                sha, size = existing
+                log.info("%s: %s already holds these bytes (sha256 %s): not uploaded again",
+                         plan["name"], key, raw_sha[:12])
+            elif compress:
+                packed = f"{encoded}.{uuid.uuid4().hex[:8]}{ZSTD_SUFFIX}"
+                sha, size = _compress(encoded, packed)
+                try:
+                    with _cache.pin(packed):
+                        mark_verified(packed, sha)  # the upload need not hash it again
+                        stats = engine.upload(packed, location)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(packed)
+                log.info("%s: stored %s (zstd %d -> %d bytes) in %.2f s", plan["name"], key, raw_size,
+                         size, encode_s + stats.seconds)
+            else:
+                stats = engine.upload(encoded, location)
+                sha, size = raw_sha, raw_size
+                log.info("%s: stored %s (%d bytes) in %.2f s", plan["name"], key, size, encode_s + stats.seconds)
+        finally:
+            engine.backend.close()
     keep_bounded(settings, encoded)
     return Ref(key, sha, size, raw_sha, raw_size, codec, "zstd" if compress else None,
                ids and ids["dispatch_id"], ids and ids["node_id"], strategy, dict(options), cls.extra)
@@ -473,7 +476,6 @@ def _compress(source: str, packed: str) -> tuple[str, int]:
         out = _HashingWriter(f)
         zstd.ZstdCompressor(level=ZSTD_LEVEL, threads=-1).copy_stream(src, out, read_size=CHUNK,
                                                                      write_size=CHUNK)
-    mark_verified(packed, out.digest.hexdigest())
     return out.digest.hexdigest(), out.size
 
 
