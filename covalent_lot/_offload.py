@@ -504,6 +504,7 @@ def _load_ref(ref: Ref, mmap: bool, held: contextlib.ExitStack) -> Any:
             continue  # evicted just now: fetch it
         _fetch(ref, settings, local)  # verified by hashing, xattrs or not
         if held.enter_context(_cache.pin(local)):
+            keep_bounded(settings, local)  # the cache stays bounded; this copy is held
             return _decode(ref, local, mmap)
     raise OSError(f"{ref.uri}: the local copy {local} was removed each time it was fetched; "
                   "raise cache_limit (covalent.conf [lot]) above the size of the values in use")
@@ -521,7 +522,8 @@ def _fetch(ref: Ref, settings, local: str) -> None:
 
     cls = load_class(ref.strategy)
     location = parse_uri(ref.uri)
-    target = local + ZSTD_SUFFIX if ref.compression else local
+    # A compressed download is a temporary file of this loader's own (others may load it too).
+    target = f"{local}.{uuid.uuid4().hex[:8]}{ZSTD_SUFFIX}" if ref.compression else local
     engine = build_engine(cls.backend_path, settings)
     try:
         try:
@@ -556,7 +558,6 @@ def _fetch(ref: Ref, settings, local: str) -> None:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
-    keep_bounded(settings, local)
 
 
 def _decompress(ref: Ref, packed: str, local: str) -> None:

@@ -484,3 +484,33 @@ def test_offload_above_the_electron_says_where_it_goes():
 
     with pytest.raises(TypeError, match="@lot.offload goes under @ct.electron"):
         lot.offload(produce)
+
+
+def test_a_value_larger_than_the_cache_limit_still_loads(offload, staging, monkeypatch):
+    import shutil
+
+    @offload()
+    def produce():
+        return big()
+
+    ref = produce()
+    shutil.rmtree(staging)
+    monkeypatch.setenv("COVALENT_LOT_CACHE_LIMIT", "1KiB")
+    assert np.array_equal(ref.load(), big())
+
+
+def test_concurrent_loads_of_one_compressed_value(offload, staging):
+    import concurrent.futures
+    import shutil
+
+    pytest.importorskip("zstandard")
+
+    @offload(compress=True)
+    def produce():
+        return smooth()
+
+    ref = produce()
+    shutil.rmtree(staging)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(lambda _: ref.load(), range(4)))
+    assert all(np.array_equal(a, smooth()) for a in loaded)
