@@ -285,14 +285,20 @@ def _encoder(value: Any) -> str:
     return "pickle"
 
 
-def _estimate(value: Any, codec: str) -> int | None:
-    """A cheap lower bound of the encoded size, or None when only encoding tells."""
+NPY_HEADER = 128  # np.save's header for any ordinary array (a multiple of 64 bytes)
+
+
+def _encoded_size(value: Any, codec: str, limit: int) -> int | None:
+    """The encoded size of ``value`` (exact enough to compare with ``limit``),
+    or None when only encoding tells (DataFrames, pickles)."""
     if codec == "numpy":
-        return value.nbytes
+        return value.nbytes + NPY_HEADER
     if codec == "bytes":
         return memoryview(value).nbytes
-    if codec == "text":
-        return len(value)
+    if codec == "text":  # 1 to 4 UTF-8 bytes per character: encode only when it matters
+        if len(value) >= limit or 4 * len(value) < limit:
+            return len(value)
+        return len(value.encode("utf-8", "surrogatepass"))
     return None
 
 
@@ -312,9 +318,9 @@ def _write(value: Any, codec: str, f) -> None:
 
 
 def _is_small(value: Any, codec: str, limit: int, name: str) -> bool:
-    estimate = _estimate(value, codec)
-    if estimate is not None or codec != "pickle":
-        return estimate is not None and estimate < limit
+    size = _encoded_size(value, codec, limit)
+    if size is not None or codec != "pickle":
+        return size is not None and size < limit
     try:
         _pickle_dump(value, _Counter(limit))
     except _TooBig:

@@ -514,3 +514,16 @@ def test_concurrent_loads_of_one_compressed_value(offload, staging):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         loaded = list(pool.map(lambda _: ref.load(), range(4)))
     assert all(np.array_equal(a, smooth()) for a in loaded)
+
+
+@pytest.mark.parametrize("text, small", [
+    ("\N{CRAB}" * 20_000, False),  # 20,000 characters, 80,000 bytes of UTF-8: above 64 KiB
+    ("a" * 20_000, True),
+    ("é" * 40_000, False),  # 80,000 bytes
+])
+def test_text_is_measured_in_utf8_bytes(offload, text, small):
+    @offload()
+    def produce():
+        return text
+
+    assert (produce() is text) == small
