@@ -301,7 +301,9 @@ def test_compression_always_auto_and_never(offload):
     assert never().compression is None
 
 
-def test_a_compressed_value_is_downloaded_decompressed_and_verified(offload, staging):
+@pytest.fixture
+def compressed_remote(offload, staging):
+    """A compressed value that this machine has no copy of."""
     import shutil
 
     pytest.importorskip("zstandard")
@@ -312,7 +314,11 @@ def test_a_compressed_value_is_downloaded_decompressed_and_verified(offload, sta
 
     ref = produce()
     shutil.rmtree(staging)
-    assert np.array_equal(ref.load(), smooth())
+    return ref
+
+
+def test_a_compressed_value_is_downloaded_decompressed_and_verified(compressed_remote, staging):
+    assert np.array_equal(compressed_remote.load(), smooth())
     leftovers = [n for _d, _s, names in os.walk(staging) for n in names if n.endswith(".zst")]
     assert leftovers == []  # only the decoded copy is cached
 
@@ -499,20 +505,11 @@ def test_a_value_larger_than_the_cache_limit_still_loads(offload, staging, monke
     assert np.array_equal(ref.load(), big())
 
 
-def test_concurrent_loads_of_one_compressed_value(offload, staging):
+def test_concurrent_loads_of_one_compressed_value(compressed_remote):
     import concurrent.futures
-    import shutil
 
-    pytest.importorskip("zstandard")
-
-    @offload(compress=True)
-    def produce():
-        return smooth()
-
-    ref = produce()
-    shutil.rmtree(staging)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        loaded = list(pool.map(lambda _: ref.load(), range(4)))
+        loaded = list(pool.map(lambda _: compressed_remote.load(), range(4)))
     assert all(np.array_equal(a, smooth()) for a in loaded)
 
 
