@@ -65,9 +65,11 @@ DEFAULT_MIN_SIZE = 4 * 2**20
 COMPRESS_CHOICES = ("auto", True, False)
 ZSTD_SUFFIX = ".zst"
 ZSTD_LEVEL = 1  # measured: level 3 compresses random floats 2.5x slower for the same ratio
-# "auto" compresses when a sample shrinks to at most this fraction. Measured here
-# (bench/suite.py): random float64 -> 0.94 (not worth a pass), small ints -> 0.14.
-AUTO_RATIO = 0.8
+# "auto" compresses when a sample shrinks to at most this fraction: zstd -1 plus
+# unzstd cost about 1/240 s per MiB here, so a ratio r pays on links slower than
+# ~240 * (1 - r) MiB/s; at 0.5, ~120 MiB/s, about what one stream to a store gets
+# (bench/compression.py; results in bench/results/compression.md).
+AUTO_RATIO = 0.5
 SAMPLE_BYTES = 256 * 1024
 SAMPLES = 4
 OFFLOAD_TO_ENV = "COVALENT_LOT_OFFLOAD_TO"
@@ -139,7 +141,7 @@ def offload(fn: Callable | None = None, *, to: str | None = None, min_size: int 
       in ``[lot]`` of the executor's covalent.conf (or ``COVALENT_LOT_OFFLOAD_TO``).
     - ``min_size``: smaller return values stay by value (bytes or "4MiB").
     - ``dedup``: content-addressed keys; bytes already stored are not uploaded again.
-    - ``compress``: "auto" (zstd when a sample shrinks to <= 80%), True, False.
+    - ``compress``: "auto" (zstd when a sample shrinks to <= 50%), True, False.
       Needs ``zstandard`` (``pip install covalent-lot[zstd]``) when it compresses.
     - ``mmap``: numpy arrays among the arguments are memory-mapped, read-only.
     - ``strategy``: a built strategy for ``to`` instead of options; other
