@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End to end: the seed scenario through a real Covalent server, by value vs handoff vs floor.
+"""End to end: the seed scenario through a real Covalent server, by value vs handoff vs offload vs floor.
 
 For every size, a producer electron makes a random float64 numpy array of that
 many MiB and a consumer electron reduces it to a small summary (element count,
@@ -11,8 +11,20 @@ computed here, chunk by chunk, outside the measurement. The pair runs as:
   ``np.save``s to ``h.path`` and covalent-lot uploads it after the electron to a
   per-dispatch key ``<scheme>://<bucket>/{dispatch_id}/x.npy``; the consumer's
   download runs before it and it ``np.load``s ``h.path``;
+* ``offload`` (one row per backend): the by-value code with ``@lot.offload(to=
+  "<scheme>://<bucket>/offload/")`` under the producer's ``@ct.electron`` and
+  ``@lot.offload`` under the consumer's: the producer returns the array, which
+  is encoded (``.npy``) into the local cache, uploaded (``compress="auto"``, the
+  default: random floats are stored as they are) and replaced by a ``lot.Ref``;
+  the consumer receives the array (on this one machine from the producer's
+  verified cached copy, no download);
 * ``local path (floor)``: the producer saves a local ``.npy`` and returns the
   path string, the consumer loads it (one machine only; the lower bound).
+
+``SEED_CODE`` holds the seed scenario as a user writes it in each style
+(producer returns/saves a numpy array, the consumer sums it) and
+:func:`user_code` counts its lines: the workflows measured here are these plus
+the summary that is checked and the local servers' URIs.
 
 Everything runs on loopback servers started here, all state under ``workdir``:
 a private ``covalent start`` (2 dask workers; HOME, TMPDIR, config, database,
@@ -60,14 +72,17 @@ untimed on a tiny array (worker imports, first writes to each store) and a
 fresh SeaweedFS gets min(256, largest size) MiB written twice (it grows its
 first volumes at half speed, a cloud store does not). Nothing is restarted
 between rows; every dispatch runs alone (sequential; the machine has 2 cores).
-The handoff's local files (``workdir/staging/<dispatch_id>/<uri tag>/x.npy``)
-and the floor's (``workdir/floor/<dispatch_id>.npy``) are deleted after each
-row, outside the measurement; the stored objects stay until the servers go.
+The handoff's local files (``workdir/staging/<dispatch_id>/<uri tag>/x.npy``),
+the offload's local cache (``workdir/staging/objects/``) and the floor's
+(``workdir/floor/<dispatch_id>.npy``) are deleted after each row, outside the
+measurement; the stored objects stay until the servers go.
 This process keeps its HOME: only covalent's own paths (COVALENT_*,
 XDG_CACHE_HOME) point below ``workdir``, set before covalent is imported (or
 its config manager is rebuilt from them if it was imported already).
 
     python bench/e2e.py --sizes 16,64 --backends s3,gcs,azure,sftp [--quick] [--json out.json]
+
+(``upload s`` of an offload row is the engine's upload alone, without the encoding.)
 """
 
 from __future__ import annotations
@@ -97,13 +112,100 @@ KIT_CLASSES = {
     "azure": ("_kit_azure", "AzureKit"),
     "sftp": ("_kit_sftp", "SFTPKit"),
 }
-BY_VALUE, HANDOFF, FLOOR = "by value", "handoff", "local path (floor)"
+BY_VALUE, HANDOFF, OFFLOAD, FLOOR = "by value", "handoff", "offload", "local path (floor)"
+STORED = (HANDOFF, OFFLOAD)  # the workflows that go through a store, one row per backend
 
 # ct.get_result(..., intermediate_outputs=INTERMEDIATE_OUTPUTS) for every row.
 INTERMEDIATE_OUTPUTS = False
 SAMPLE_INTERVAL = 0.05  # seconds between RSS samples
 WARM_N = 1024  # elements in the untimed warm-up dispatches
 DISPATCH_TIMEOUT = 900.0  # seconds before a dispatch counts as hung
+
+# The seed scenario as a user writes it in each style: the producer makes a numpy
+# array, the consumer sums it. Only the store URIs differ from the measured workflows
+# (which also return a checked summary instead of the bare sum).
+SEED_CODE = {
+    BY_VALUE: """
+import covalent as ct
+import numpy as np
+
+@ct.electron
+def produce(n):
+    return np.random.default_rng(0).random(n)
+
+@ct.electron
+def consume(x):
+    return float(x.sum())
+
+@ct.lattice
+def seed(n):
+    return consume(produce(n))
+""",
+    HANDOFF: """
+import covalent as ct
+import covalent_lot as lot
+import numpy as np
+
+h = lot.handoff("s3://my-bucket/runs/{dispatch_id}/x.npy")
+
+@ct.electron(files=[h.upload()])
+def produce(n, files=[]):
+    np.save(h.path, np.random.default_rng(0).random(n))
+    return n
+
+@ct.electron(files=[h.download()])
+def consume(n, files=[]):
+    return float(np.load(h.path).sum())
+
+@ct.lattice
+def seed(n):
+    return consume(produce(n))
+""",
+    OFFLOAD: """
+import covalent as ct
+import covalent_lot as lot
+import numpy as np
+
+@ct.electron
+@lot.offload(to="s3://my-bucket/runs/")
+def produce(n):
+    return np.random.default_rng(0).random(n)
+
+@ct.electron
+@lot.offload
+def consume(x):
+    return float(x.sum())
+
+@ct.lattice
+def seed(n):
+    return consume(produce(n))
+""",
+}
+
+
+def _code_lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def user_code() -> dict:
+    """workflow -> {"lines": non-blank code lines, "added": lines not in the by-value code,
+    "removed": by-value lines gone, "code": the text} for SEED_CODE (a line diff)."""
+    import difflib
+
+    base = _code_lines(SEED_CODE[BY_VALUE])
+    out = {}
+    for workflow, text in SEED_CODE.items():
+        compile(text, f"SEED_CODE[{workflow!r}]", "exec")  # valid Python, at least
+        lines = _code_lines(text)
+        ops = difflib.SequenceMatcher(a=base, b=lines, autojunk=False).get_opcodes()
+        out[workflow] = {
+            "lines": len(lines),
+            "added": sum(j2 - j1 for tag, _i1, _i2, j1, j2 in ops if tag in ("insert", "replace")),
+            "removed": sum(i2 - i1 for tag, i1, i2, _j1, _j2 in ops if tag in ("delete", "replace")),
+            "code": text.strip("\n"),
+        }
+    return out
+
 
 if __name__ != "__main__" and __name__ in sys.modules:
     # Electrons defined in this module must reach the dask workers by value (the
@@ -327,6 +429,26 @@ def _lattices(ct, lot, workdir: Path, kits: dict, buckets: dict) -> dict:
 
         return handoff
 
+    # --- offload, one per backend: the by-value code plus the two decorators ---------
+    def offload_lattice(to: str):
+        @ct.electron
+        @lot.offload(to=to, staging_dir=staging)
+        def produce(n: int, seed: int):
+            import numpy as np
+
+            return np.random.default_rng(seed).random(n)
+
+        @ct.electron
+        @lot.offload
+        def consume(x):
+            return {"n": int(x.size), "sum": float(x.sum()), "first": float(x[0]), "last": float(x[-1])}
+
+        @ct.lattice
+        def offload(n: int, seed: int):
+            return consume(produce(n, seed))
+
+        return offload
+
     for name, kit in kits.items():
         # Local files below workdir too (the default staging dir is the *client's*
         # tempdir), in the default layout: <staging>/<dispatch_id>/<uri tag>/x.npy,
@@ -334,6 +456,9 @@ def _lattices(ct, lot, workdir: Path, kits: dict, buckets: dict) -> dict:
         # verified file there and skips the download; see README "Handoffs").
         h = lot.handoff(kit.uri(buckets[name], "{dispatch_id}/x.npy"), staging_dir=staging)
         out[(HANDOFF, name)] = (handoff_lattice(h), "produce", "consume")
+        # The offload's cache is <staging>/objects/ (content-addressed, shared by
+        # producer and consumer on this machine); keys <to><dispatch_id>/<node_id>/...
+        out[(OFFLOAD, name)] = (offload_lattice(kit.uri(buckets[name], "offload/")), "produce", "consume")
     return out
 
 
@@ -449,10 +574,12 @@ def _measure(ct, servers, server, lattice, producer: str, consumer: str, n: int,
             row["error"] = _short(f"{status}: {detail}")
         elif error is None:
             row["error"] = _check(result.result, want)
-    # Outside the measurement: this dispatch's local files (handoff staging, floor).
+    # Outside the measurement: this dispatch's local files (handoff staging, the
+    # offload's cache, floor).
     if dispatch_id:
         shutil.rmtree(workdir / "staging" / dispatch_id, ignore_errors=True)
         (workdir / "floor" / f"{dispatch_id}.npy").unlink(missing_ok=True)
+    shutil.rmtree(workdir / "staging" / "objects", ignore_errors=True)
     return row
 
 
@@ -471,6 +598,17 @@ def _combine(runs: list[dict]) -> dict:
         best["error"] = f"{len(runs) - len(ok)} of {len(runs)} runs failed: " + \
             _short(next(r["error"] for r in runs if r["error"]), 100)
     return best
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """Per row, against the same size: ``x_faster_than_by_value`` (by value's wall / this
+    wall) and ``x_floor`` (this wall / the local-path floor's)."""
+    for r in rows:
+        same = {x["workflow"]: x for x in rows if x["size_mib"] == r["size_mib"] and x["workflow"] in (BY_VALUE, FLOOR)
+                and not x.get("error") and x.get("wall_s")}
+        ok = not r.get("error") and r.get("wall_s")
+        r["x_faster_than_by_value"] = same[BY_VALUE]["wall_s"] / r["wall_s"] if ok and BY_VALUE in same else None
+        r["x_floor"] = r["wall_s"] / same[FLOOR]["wall_s"] if ok and FLOOR in same else None
 
 
 # ------------------------------------------------------------------- environment
@@ -527,11 +665,11 @@ def _warm_seaweed(kit, bucket: str, workdir: Path, mib: int) -> None:
 
 def run(sizes_mib: list[int], backends: list[str], workdir: Path, quick: bool,
         timeout: float = DISPATCH_TIMEOUT) -> list[dict]:
-    """Run the seed scenario at each size as by value, handoff per backend and floor.
+    """Run the seed scenario at each size as by value, handoff and offload per backend, and floor.
 
     Returns one dict per (size, workflow, backend) with the keys size_mib,
-    workflow, backend, wall_s, worker_rss_mib, client_rss_mib, added_mib, error
-    and the extras described in the module docstring. ``workdir`` receives all
+    workflow, backend, wall_s, worker_rss_mib, client_rss_mib, added_mib, error,
+    x_faster_than_by_value, x_floor and the extras described in the module docstring. ``workdir`` receives all
     state (servers' data, Covalent's config/db/results, staging files); the
     caller removes it.
     """
@@ -550,7 +688,7 @@ def run(sizes_mib: list[int], backends: list[str], workdir: Path, quick: bool,
     old_covalent = _point_covalent_at(servers, covalent_dir, port)
 
     kits: dict = {}
-    kit_errors: dict[str, str] = {}
+    kit_errors: dict = {}  # backend, or (workflow, backend) -> why it has no rows
     server = None
     rows: list[dict] = []
     t_total = time.monotonic()
@@ -602,7 +740,8 @@ def run(sizes_mib: list[int], backends: list[str], workdir: Path, quick: bool,
             _warm_seaweed(kits["s3"], buckets["s3"], workdir, min(256, max(sizes_mib)))
 
         lattices = _lattices(ct, lot, workdir, kits, buckets)
-        order = [(BY_VALUE, None)] + [(HANDOFF, b) for b in backends if b in kits] + [(FLOOR, None)]
+        order = ([(BY_VALUE, None)] + [(w, b) for w in STORED for b in backends if b in kits]
+                 + [(FLOOR, None)])
 
         # ---- untimed warm-up: worker imports, first writes to each store -----------
         warm_want = _expected(WARM_N, 0)
@@ -613,8 +752,8 @@ def run(sizes_mib: list[int], backends: list[str], workdir: Path, quick: bool,
                             None, timeout, workdir)
             _log(f"warm-up {config[0]} {config[1] or ''}: {time.monotonic() - t0:.1f} s"
                  + (f" ERROR {warm['error']}" if warm["error"] else ""))
-            if warm["error"] and config[0] == HANDOFF:
-                kit_errors[config[1]] = f"warm-up failed: {warm['error']}"
+            if warm["error"] and config[0] in STORED:
+                kit_errors[config] = f"warm-up failed: {warm['error']}"
                 order.remove(config)
         with PeakRSS(servers, server.pgid) as idle:
             time.sleep(0.5)
@@ -630,7 +769,7 @@ def run(sizes_mib: list[int], backends: list[str], workdir: Path, quick: bool,
             for rep in range(reps):
                 for config in (order if rep % 2 == 0 else list(reversed(order))):
                     lattice, producer, consumer = lattices[config]
-                    store_pid = kits[config[1]].server.pid if config[0] == HANDOFF else None
+                    store_pid = kits[config[1]].server.pid if config[0] in STORED else None
                     row = _measure(ct, servers, server, lattice, producer, consumer, n, seed, want,
                                    store_pid, timeout, workdir)
                     runs[config].append(row)
@@ -641,14 +780,16 @@ def run(sizes_mib: list[int], backends: list[str], workdir: Path, quick: bool,
                          f"wall {row['wall_s']:.2f} s, server {row['server_s']} s{extra}, "
                          f"worker peak {row['worker_rss_mib']:.0f} MiB"
                          + (f" ERROR {row['error']}" if row["error"] else ""))
-            for workflow, backend in [(BY_VALUE, None)] + [(HANDOFF, b) for b in backends] + [(FLOOR, None)]:
+            for workflow, backend in ([(BY_VALUE, None)] + [(w, b) for w in STORED for b in backends]
+                                      + [(FLOOR, None)]):
                 base = {"size_mib": mib, "workflow": workflow, "backend": backend}
                 if (workflow, backend) in runs:
                     rows.append({**base, **_combine(runs[(workflow, backend)])})
                 else:
+                    error = kit_errors.get((workflow, backend)) or kit_errors.get(backend, "not run")
                     rows.append({**base, "wall_s": None, "worker_rss_mib": None, "client_rss_mib": None,
-                                 "added_mib": None, "tree_rss_mib": None,
-                                 "error": kit_errors.get(backend, "not run")})
+                                 "added_mib": None, "tree_rss_mib": None, "error": error})
+            _add_ratios(rows)
         _log(f"done in {time.monotonic() - t_total:.0f} s")
         return rows
     finally:
@@ -679,14 +820,16 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| size MiB | workflow | backend | wall s | server s | producer s | consumer s "
+    head = ("| size MiB | workflow | backend | wall s | x faster than by value | x floor | server s "
+            "| producer s | consumer s "
             "| upload s | download s | worker peak RSS MiB | worker RSS at start MiB | server tree peak RSS MiB "
             "| client peak RSS MiB | store peak RSS MiB | added MiB | cache added MiB | error |")
-    lines = [head, "|" + "---:|" * 1 + "---|---|" + "---:|" * 13 + "---|"]
+    lines = [head, "|" + "---:|" * 1 + "---|---|" + "---:|" * 15 + "---|"]
     for r in rows:
         lines.append("| " + " | ".join([
             _fmt(r["size_mib"]), r["workflow"], r["backend"] or "",
-            _fmt(r.get("wall_s"), 2), _fmt(r.get("server_s"), 2), _fmt(r.get("producer_s"), 2),
+            _fmt(r.get("wall_s"), 2), _fmt(r.get("x_faster_than_by_value"), 2), _fmt(r.get("x_floor"), 2),
+            _fmt(r.get("server_s"), 2), _fmt(r.get("producer_s"), 2),
             _fmt(r.get("consumer_s"), 2), _fmt(r.get("upload_s"), 2), _fmt(r.get("download_s"), 2),
             _fmt(r.get("worker_rss_mib"), 0), _fmt(r.get("worker_rss_start_mib"), 0),
             _fmt(r.get("tree_rss_mib"), 0),
@@ -694,6 +837,16 @@ def markdown(rows: list[dict]) -> str:
             _fmt(r.get("added_mib"), 1), _fmt(r.get("cache_added_mib"), 1),
             _short(r.get("error") or "", 80).replace("|", "/"),
         ]) + " |")
+    return "\n".join(lines)
+
+
+def code_markdown(code: Optional[dict] = None) -> str:
+    """The user code table: lines of the seed scenario per style (SEED_CODE)."""
+    code = code or user_code()
+    lines = ["| workflow | user code lines | lines added to the by-value code | by-value lines changed or removed |",
+             "|---|---:|---:|---:|"]
+    for workflow, c in code.items():
+        lines.append(f"| {workflow} | {c['lines']} | {c['added']} | {c['removed']} |")
     return "\n".join(lines)
 
 
@@ -730,6 +883,9 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"2 dask workers, one machine), {reps}; "
           f"get_result(wait=True, intermediate_outputs={INTERMEDIATE_OUTPUTS}); total {elapsed:.0f} s\n")
     print(markdown(rows))
+    print("\nseed scenario user code (bench/e2e.py SEED_CODE; imports, decorators and functions, blank "
+          "lines not counted):\n")
+    print(code_markdown())
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str))
     return 1 if any(r.get("error") for r in rows) else 0

