@@ -45,13 +45,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import importlib.util
 import json
 import os
 import pickle
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +59,10 @@ from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import e2e  # noqa: E402  (siblings: the child runner, the kits loader, SeaweedFS warm-up)
+import suite  # noqa: E402
+import throughput  # noqa: E402
 RESULTS = HERE / "results"
 MiB = 1 << 20
 
@@ -326,52 +328,8 @@ def child_main(spec: dict) -> dict:
 # ---------------------------------------------------------------------------- parent
 
 
-def _last_error(stderr: str) -> str:
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    for line in reversed(lines):
-        if not line.startswith((" ", "\t", "Traceback", "During handling", "The above exception")):
-            return line.strip()[:400]
-    return (lines[-1].strip() if lines else "")[:400]
-
-
 def run_child(spec: dict, env: Optional[dict] = None, timeout: float = CHILD_TIMEOUT) -> dict:
-    try:
-        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                             capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                             env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    lines = out.stdout.strip().splitlines()
-    if out.returncode != 0 or not lines:
-        return {"error": _last_error(out.stderr) or f"exit {out.returncode}"}
-    try:
-        return json.loads(lines[-1])
-    except ValueError:
-        return {"error": f"unreadable child output: {lines[-1][:200]}"}
-
-
-def _load_kits():
-    name = "lot_it__kits"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "integration" / "_kits.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _warm_seaweed(kit, bucket: str, work: Path, mib: int) -> None:
-    """Write ``mib`` MiB twice, untimed: a fresh SeaweedFS grows its first volumes then."""
-    zeros = work / "warm-up.bin"
-    with open(zeros, "wb") as f:
-        f.truncate(mib * MiB)
-    try:
-        for i in range(2):
-            kit.client.upload_file(str(zeros), bucket, f"warm-up/{i}")
-            kit.client.delete_object(Bucket=bucket, Key=f"warm-up/{i}")
-    finally:
-        zeros.unlink(missing_ok=True)
+    return throughput.run_child(spec, timeout, script=Path(__file__).resolve(), env=env)
 
 
 def _child_env(work: Path, kit_env: dict, staging: Path) -> dict:
@@ -480,7 +438,7 @@ def run(mib: int, rounds: int, backends: list[str], work: Path, payloads=PAYLOAD
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / "home").mkdir(exist_ok=True)
-    kits_mod = _load_kits()
+    kits_mod = suite.load_kits_module()
     runs: dict = {}
     errors: dict = {}
     started_kits: dict = {}
@@ -495,7 +453,7 @@ def run(mib: int, rounds: int, backends: list[str], work: Path, payloads=PAYLOAD
                 started_kits[name] = (kit, kit.new_bucket())
                 log(f"{name}: {kit.endpoint} up in {time.monotonic() - t0:.1f} s")
                 if name == "s3":
-                    _warm_seaweed(kit, started_kits[name][1], work, max(mib, SEAWEED_WARM_MIB))
+                    e2e._warm_seaweed(kit, started_kits[name][1], work, max(mib, SEAWEED_WARM_MIB))
             except Exception as exc:  # noqa: BLE001 - a backend that cannot start: record, go on
                 errors[name] = f"kit did not start: {type(exc).__name__}: {exc}"
                 log(errors[name])

@@ -430,11 +430,16 @@ def child_main(spec: dict) -> dict:
 # ---------------------------------------------------------------------------- parent
 
 
-def run_child(spec: dict, timeout: float = CHILD_TIMEOUT) -> dict:
-    """One transfer in a fresh interpreter; {'seconds', 'base_mib', 'peak_mib'} or {'error'}."""
+def run_child(spec: dict, timeout: float = CHILD_TIMEOUT, *, script: Optional[Path] = None,
+              env: Optional[dict] = None) -> dict:
+    """One run of ``script --child <spec>`` (default: this file, one transfer) in a fresh
+    interpreter; its last stdout line parsed ({'seconds', 'base_mib', 'peak_mib'} here), or
+    {'error'}."""
+    script = Path(__file__).resolve() if script is None else script
     try:
-        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                             capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        out = subprocess.run([sys.executable, str(script), "--child", json.dumps(spec)],
+                             capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                             env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}
     lines = out.stdout.strip().splitlines()
