@@ -115,12 +115,7 @@ def _array_sha(a) -> str:
 # ---------------------------------------------------------------------------- child
 
 
-def _high_water_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+_high_water_mib = throughput._high_water_mib
 
 
 def _reset_high_water() -> None:
