@@ -5,7 +5,7 @@ Every machine that runs electrons keeps local copies in its staging folder
 grows, so after each transfer into it :func:`trim` brings it back under
 ``cache_limit`` by removing the least recently used *verified copies* (files
 whose recorded sha256 still matches their size and mtime, see
-``_stream.holds_verified``): copies that can be fetched again from the store.
+``_stream.recorded_sha256``): copies that can be fetched again from the store.
 
 What is never removed:
 
@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from ._stream import LOCAL_ATTR, TEMP_MARK
+from ._stream import TEMP_MARK, recorded_sha256
 
 try:
     import fcntl
@@ -130,14 +130,6 @@ class TrimReport:
                 f"{self.stale_partials} abandoned partial(s) removed; {self.held_skipped} held")
 
 
-def _verified(path: str, st: os.stat_result) -> bool:
-    try:
-        value = os.getxattr(path, LOCAL_ATTR).decode("ascii").split()
-    except (OSError, AttributeError, UnicodeDecodeError):
-        return False
-    return len(value) == 3 and value[1] == str(st.st_size) and value[2] == str(st.st_mtime_ns)
-
-
 def _try_exclusive(path: str) -> int | None:
     """An fd holding ``path`` exclusively, or None when someone holds it (or no flock)."""
     if fcntl is None:
@@ -195,7 +187,7 @@ def trim(root: str, limit: int, *, now: float | None = None, everything: bool = 
                     log.info("removed %s: a partial download whose writer is gone", path)
                     continue
             total += st.st_size
-            if TEMP_MARK not in name and _verified(path, st):
+            if TEMP_MARK not in name and recorded_sha256(path) is not None:
                 copies.append((st.st_atime, path, st.st_size))
     report.size_before = total
     copies.sort()

@@ -73,8 +73,8 @@ AUTO_RATIO = 0.5
 SAMPLE_BYTES = 256 * 1024
 SAMPLES = 4
 OFFLOAD_TO_ENV = "COVALENT_LOT_OFFLOAD_TO"
-_ENCODERS = ("numpy", "parquet", "bytes", "text", "pickle")
 _SUFFIX = {"numpy": ".npy", "parquet": ".parquet", "bytes": ".bin", "text": ".txt", "pickle": ".pkl"}
+_CODECS = {codec.name: codec for codec in _objects.CODECS}
 
 
 # --- the reference --------------------------------------------------------------------------
@@ -276,15 +276,10 @@ class _Counter:
 
 
 def _encoder(value: Any) -> str:
-    if _objects.NUMPY.accepts(value):
-        return "numpy" if not value.dtype.hasobject else "pickle"
-    if _objects.PARQUET.accepts(value):
-        return "parquet" if _objects._has_pyarrow() else "pickle"
-    if _objects.BYTES.accepts(value):
-        return "bytes"
-    if _objects.TEXT.accepts(value):
-        return "text"
-    return "pickle"
+    """The name of the ``_objects`` codec for ``value``'s type (object arrays: pickle)."""
+    if _objects.NUMPY.accepts(value) and value.dtype.hasobject:
+        return "pickle"
+    return _objects.codec_for("value" + _objects.suffix_for(value)).name
 
 
 NPY_HEADER = 128  # np.save's header for any ordinary array (a multiple of 64 bytes)
@@ -312,11 +307,9 @@ def _pickle_dump(value: Any, f) -> None:
 
 def _write(value: Any, codec: str, f) -> None:
     if codec == "pickle":
-        _pickle_dump(value, f)
-    elif codec == "parquet":
-        value.to_parquet(f, engine="pyarrow")
+        _pickle_dump(value, f)  # cloudpickle: what plain pickle refuses (lambdas, local classes)
     else:
-        {"numpy": _objects.NUMPY, "bytes": _objects.BYTES, "text": _objects.TEXT}[codec].write(value, f)
+        _CODECS[codec].write(value, f)
 
 
 def _is_small(value: Any, codec: str, limit: int, name: str) -> bool:
@@ -519,16 +512,12 @@ def _load_ref(ref: Ref, mmap: bool, held: contextlib.ExitStack) -> Any:
 
 
 def _decode(ref: Ref, local: str, mmap: bool) -> Any:
-    codec = {"numpy": _objects.NUMPY, "parquet": _objects.PARQUET, "bytes": _objects.BYTES,
-             "text": _objects.TEXT, "pickle": _objects.PICKLE}[ref.codec]
-    return codec.read(local, mmap)
+    return _CODECS[ref.codec].read(local, mmap)
 
 
 def _fetch(ref: Ref, settings, local: str) -> None:
     """Download ``ref``'s object into the cache at ``local``, verified (and decompressed)."""
-    from ._strategy import _load as load_class
-
-    cls = load_class(ref.strategy)
+    cls = _load(ref.strategy)
     location = parse_uri(ref.uri)
     # A compressed download is a temporary file of this loader's own (others may load it too).
     target = f"{local}.{uuid.uuid4().hex[:8]}{ZSTD_SUFFIX}" if ref.compression else local
