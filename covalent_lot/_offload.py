@@ -65,10 +65,10 @@ DEFAULT_MIN_SIZE = 4 * 2**20
 COMPRESS_CHOICES = ("auto", True, False)
 ZSTD_SUFFIX = ".zst"
 ZSTD_LEVEL = 1  # measured: level 3 compresses random floats 2.5x slower for the same ratio
-# "auto" compresses when a sample shrinks to at most this fraction: zstd -1 plus
-# unzstd cost about 1/240 s per MiB here, so a ratio r pays on links slower than
-# ~240 * (1 - r) MiB/s; at 0.5, ~120 MiB/s, about what one stream to a store gets
-# (bench/compression.py; results in bench/results/compression.md).
+# "auto" compresses when a sample shrinks to at most this fraction. zstd and unzstd
+# with their sha256 passes cost ~1 s per 175 MiB here, so a ratio r pays on links
+# slower than ~350 * (1 - r) MiB/s across machines (upload and download shrink);
+# at 0.5, ~175 MiB/s (bench/compression.py, bench/results/compression.md).
 AUTO_RATIO = 0.5
 SAMPLE_BYTES = 256 * 1024
 SAMPLES = 4
