@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from ._errors import ChecksumMismatchError, Classified, translate
+from ._pool import run_bounded
 from ._retry import RetryPolicy
 from ._stream import (
     TEMP_MARK, VerifyingSink, atomic_download, holds_verified, mark_verified, recorded_sha256, sha256_file,
@@ -228,43 +229,9 @@ class Engine:
         self._count = threading.Lock()  # stats are updated from folder workers
 
     def _each(self, items: list, fn: Callable[[Any], None]) -> None:
-        """``fn(item)`` for each item, several files at once (``max_files``).
-
-        After a failure no new item starts; those running finish, and the first
-        error is raised. Each file is atomic on its own, as in a sequential run.
-        """
-        workers = min(len(items), self.backend.file_concurrency()) if items else 0
-        if workers <= 1:
-            for item in items:
-                fn(item)
-            return
-        backlog = iter(items)
-        lock = threading.Lock()
-        errors: list[BaseException] = []
-
-        def work() -> None:
-            while True:
-                with lock:
-                    if errors:
-                        return
-                    item = next(backlog, None)
-                if item is None:
-                    return
-                try:
-                    fn(item)
-                except BaseException as exc:  # noqa: BLE001 - raised in the caller
-                    with lock:
-                        errors.append(exc)
-                    return
-
-        threads = [threading.Thread(target=work, name=f"covalent-lot-file-{i}", daemon=True)
-                   for i in range(workers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+        """``fn(item)`` for each item, several files at once (``max_files``); each
+        file is atomic on its own, as in a sequential run."""
+        run_bounded(items, fn, self.backend.file_concurrency(), name="covalent-lot-file")
 
     # --- one guarded service call -------------------------------------------------------
     def _guard(self, action: str, target: str, fn: Callable[[], T], stats: TransferStats) -> T:
