@@ -26,7 +26,7 @@ import tempfile
 import time
 from typing import Any
 
-from .cli import human_size, open_strategy
+from ._cli_shared import human_size, open_strategy
 
 __all__ = ["doctor", "is_secret", "masked", "shown_value", "Checkup"]
 
@@ -84,9 +84,9 @@ def _error(exc: BaseException) -> str:
 
 def _conf_path() -> str:
     try:
-        from covalent._shared_files.config import get_config
+        from ._covalent import conf_file_path  # on use: importing Covalent writes its config files
 
-        return str(get_config("sdk.config_file"))
+        return conf_file_path()
     except Exception:  # noqa: BLE001 - only shown
         return "(unknown)"
 

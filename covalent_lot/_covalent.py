@@ -4,7 +4,8 @@ Everything covalent-lot needs from Covalent goes through here, so a change in
 Covalent's private layout is mended in one place: the strategy base class,
 ``File``/``FileTransfer``, scheme registration, which dispatch and node the
 running task belongs to (on every execution path, see :func:`run_identity`),
-and covalent.conf.
+what ``FileTransfer.cp()`` hands Covalent (:func:`with_after_call`), electrons
+made on the fly (:func:`electron_after`) and covalent.conf.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ __all__ = [
     "FtCallDepReturnValue",
     "Order",
     "read_conf_section",
+    "conf_file_path",
+    "file_transfer",
+    "with_after_call",
+    "electron_after",
     "run_context",
     "run_identity",
     "resolve_template",
@@ -57,6 +62,14 @@ def read_conf_section(name: str) -> dict[str, Any]:
     except (KeyError, TypeError):
         return {}
     return dict(value) if isinstance(value, dict) else value
+
+
+def conf_file_path() -> str:
+    """Where this machine's covalent.conf is, read now."""
+    # Imported here: importing Covalent's config module writes config files.
+    from covalent._shared_files.config import get_config
+
+    return str(get_config("sdk.config_file"))
 
 
 # Where Covalent's remote executor plugins run a task, nothing sets the context
@@ -215,3 +228,55 @@ def register_scheme(scheme: str, strategy_cls: type) -> None:
     """Make ``File("<scheme>://...")`` and guessed transfers use ``strategy_cls``."""
     register_uploader(scheme, strategy_cls)
     register_downloader(scheme, strategy_cls)
+
+
+def file_transfer(strategy: FileTransferStrategy, remote: str, local: str, *,
+                  upload: bool, folder: bool) -> FileTransfer:
+    """Covalent's transfer between ``remote`` and ``local`` through ``strategy``: an
+    upload after the electron returns, or a download before it runs."""
+    remote_file = make_file(remote, remote=True, is_dir=folder)
+    local_file = make_file(local, remote=False, is_dir=folder)
+    if upload:
+        return FileTransfer(from_file=local_file, to_file=remote_file, order=Order.AFTER, strategy=strategy)
+    return FileTransfer(from_file=remote_file, to_file=local_file, order=Order.BEFORE, strategy=strategy)
+
+
+class _CallInHook(FileTransfer):
+    """A transfer that runs whole before the electron and gives its after-call to another.
+
+    ``FileTransfer.cp()`` returns Covalent's private pair (pre-exec hook, call):
+    the hook always runs before the electron, the call before it for
+    ``Order.BEFORE`` and after it (only when the electron returned) for
+    ``Order.AFTER``. Ordered AFTER, the transfer's own call moves into the hook.
+    """
+
+    def __init__(self, transfer: FileTransfer, join: Callable[[Any, Any], Any], after: Callable[[], Any]):
+        super().__init__(from_file=transfer.from_file, to_file=transfer.to_file,
+                         order=Order.AFTER, strategy=transfer.strategy)
+        self.join = join
+        self.after = after
+
+    def cp(self):
+        hook, call = super().cp()
+        return self.join(hook, call), self.after
+
+
+def with_after_call(transfer: FileTransfer, join: Callable[[Any, Any], Any],
+                    after: Callable[[], Any]) -> FileTransfer:
+    """``transfer`` done before the electron, then ``after()`` once the electron has
+    returned (never when it raised).
+
+    ``join(hook, call)`` makes the one callable Covalent runs before the electron
+    from the transfer's pre-exec hook and its call: it runs both, in that order,
+    and returns what the hook returned. It and ``after`` are pickled for the executor.
+    """
+    return _CallInHook(transfer, join, after)
+
+
+def electron_after(fn: Callable[[], Any], *, after: Any = None, executor: Any = None) -> Any:
+    """In a lattice being built: ``fn`` as an electron (on ``executor``, Covalent's
+    default if None) that runs once every electron in ``after`` has finished."""
+    import covalent as ct
+
+    node = ct.electron(fn, executor=executor)()
+    return node if after is None else ct.wait(node, after)

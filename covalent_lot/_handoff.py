@@ -1,13 +1,12 @@
 """Factories: one storage URI in, the matching Covalent file transfers out.
 
 Also removal after use (``h.download(delete_after=True)``, :func:`cleanup`).
-Covalent runs an electron's ``files=`` as hooks around it: for each
-FileTransfer, ``cp()`` gives a pre-exec hook (always run before the electron)
-and a transfer call, run before the electron for ``Order.BEFORE`` and after it
-for ``Order.AFTER``; the after-calls run only when the electron returned (an
-electron that raises skips them). Removal rides on that: it is an after-call,
-so it never runs before the consumer holds the verified bytes, nor when the
-consumer failed (the object stays for a retry).
+Covalent runs an electron's ``files=`` around it: downloads before it, uploads
+after it, and what runs after runs only when the electron returned (an
+electron that raises skips it). Removal rides on that: it runs after the
+electron (:func:`~covalent_lot._covalent.with_after_call`), so never before
+the consumer holds the verified bytes, nor when the consumer failed (the
+object stays for a retry).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import shutil
 from typing import Any
 
 from . import _objects
-from ._covalent import FileTransfer, Order, make_file, resolve_template
+from ._covalent import FileTransfer, electron_after, file_transfer, resolve_template, with_after_call
 from ._logs import log_to_stderr_if_unconfigured
 from ._strategy import (
     STAGING_PREFIX, LotStrategy, Portable, TransferCall, resolve_paths, staging_dir, strategy_for,
@@ -51,27 +50,22 @@ def _check_local(local_path: str) -> None:
         )
 
 
-def _transfer(strategy: LotStrategy, uri: str, local_path: str, order: Order) -> FileTransfer:
+def _transfer(strategy: LotStrategy, uri: str, local_path: str, *, upload: bool) -> FileTransfer:
     _check_local(local_path)
-    location = strategy.parse(uri)
-    folder = location.is_folder
+    folder = strategy.parse(uri).is_folder
     if folder and not local_path.endswith("/"):
         local_path += "/"
-    remote = make_file(uri, remote=True, is_dir=folder)
-    local = make_file(local_path, remote=False, is_dir=folder)
-    if order is Order.AFTER:
-        return FileTransfer(from_file=local, to_file=remote, order=order, strategy=strategy)
-    return FileTransfer(from_file=remote, to_file=local, order=order, strategy=strategy)
+    return file_transfer(strategy, uri, local_path, upload=upload, folder=folder)
 
 
 def upload(uri: str, local_path: str, *, strategy: LotStrategy | None = None, **options: Any) -> FileTransfer:
     """A post-exec transfer: after the electron returns, upload ``local_path`` to ``uri``."""
-    return _transfer(_strategy(uri, strategy, options), uri, local_path, Order.AFTER)
+    return _transfer(_strategy(uri, strategy, options), uri, local_path, upload=True)
 
 
 def download(uri: str, local_path: str, *, strategy: LotStrategy | None = None, **options: Any) -> FileTransfer:
     """A pre-exec transfer: before the electron runs, download ``uri`` to ``local_path``."""
-    return _transfer(_strategy(uri, strategy, options), uri, local_path, Order.BEFORE)
+    return _transfer(_strategy(uri, strategy, options), uri, local_path, upload=False)
 
 
 class Handoff:
@@ -116,7 +110,7 @@ class Handoff:
 
     def upload(self) -> FileTransfer:
         """For the producer: ``@ct.electron(files=[h.upload()])``."""
-        return _transfer(self.strategy, self.uri, self.local_path, Order.AFTER)
+        return _transfer(self.strategy, self.uri, self.local_path, upload=True)
 
     def download(self, *, delete_after: bool = False) -> FileTransfer:
         """For a consumer: ``@ct.electron(files=[h.download()])``.
@@ -128,8 +122,8 @@ class Handoff:
         several consumers use :func:`cleanup` after all of them instead: they
         share the local copy on one machine, and each needs the stored object.
         """
-        transfer = _transfer(self.strategy, self.uri, self.local_path, Order.BEFORE)
-        return _DeleteAfter(transfer, self._discard()) if delete_after else transfer
+        transfer = _transfer(self.strategy, self.uri, self.local_path, upload=False)
+        return with_after_call(transfer, _Then, self._discard()) if delete_after else transfer
 
     def save(self, obj: Any) -> str:
         """In the producer: write ``obj`` to :attr:`path` (atomically), return the path.
@@ -239,7 +233,8 @@ class Discard(Portable):
 
 
 class _Then(Portable):
-    """The pre-exec hook of a delete-after download: the usual hook, then the download."""
+    """Before a delete-after download's electron: the usual pre-exec hook, then the
+    download (after the electron comes the removal)."""
 
     def __init__(self, hook, download):
         self.hook = hook
@@ -250,24 +245,6 @@ class _Then(Portable):
         paths = self.hook()
         self.download()
         return paths
-
-
-class _DeleteAfter(FileTransfer):
-    """``h.download(delete_after=True)``: download before, remove after the electron.
-
-    One FileTransfer gives Covalent one pre-exec hook and one call; the
-    download moves into the pre-exec hook so that the call, ordered AFTER,
-    can be the removal (see the module docstring).
-    """
-
-    def __init__(self, download: FileTransfer, discard: Discard):
-        super().__init__(from_file=download.from_file, to_file=download.to_file,
-                         order=Order.AFTER, strategy=download.strategy)
-        self.discard = discard
-
-    def cp(self):
-        hook, download = super().cp()  # remote -> local: the download call
-        return _Then(hook, download), self.discard
 
 
 def cleanup(*handoffs: Handoff, after: Any = None, executor: Any = None):
@@ -282,8 +259,6 @@ def cleanup(*handoffs: Handoff, after: Any = None, executor: Any = None):
     ``executor``, Covalent's default if None): the consumers' machine when they
     share one. Returns the electron; its result lists what was removed.
     """
-    import covalent as ct
-
     if not handoffs:
         raise TypeError("cleanup() needs at least one handoff")
     discards = [h._discard() for h in handoffs]
@@ -291,5 +266,4 @@ def cleanup(*handoffs: Handoff, after: Any = None, executor: Any = None):
     def lot_cleanup() -> list:
         return [discard() for discard in discards]
 
-    node = ct.electron(lot_cleanup, executor=executor)()
-    return node if after is None else ct.wait(node, after)
+    return electron_after(lot_cleanup, after=after, executor=executor)

@@ -158,7 +158,7 @@ def offload(fn: Callable | None = None, *, to: str | None = None, min_size: int 
             f"@lot.offload(...), then def {getattr(fn, '__name__', 'f')}(...)"
         )
     plan = _plan(fn, to, min_size, dedup, compress, mmap, strategy, options)
-    return _portable.offloaded(fn, plan)
+    return _portable.offloaded(fn, plan, f"{__name__}:run")
 
 
 def _plan(fn: Callable, to: str | None, min_size: Any, dedup: Any, compress: Any, mmap: Any,

@@ -8,20 +8,23 @@ Instead each callable pickles as a call of :func:`rebuild` with plain values
 module is registered for that), so on a host without covalent-lot the first
 hook to load names what to install there.
 
-Only :func:`rebuild` lives here: everything in this module travels by value.
+Only what must travel lives here, and it names what it calls (module and
+name, plain strings) instead of importing it, so it knows no other module of
+the package.
 """
 
 from __future__ import annotations
 
 
-def rebuild(module: str, name: str, state: dict, extra: str):
-    """Make an instance of ``module.name`` with ``state`` as its ``__dict__``."""
+def find(module: str, name: str, extra: str):
+    """``module.name``, imported now; where covalent-lot is missing, an error that says
+    what to install (``extra``: the pip extra of the backend in use)."""
     import importlib
     import socket
     import sys
 
     try:
-        cls = getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name)
     except ModuleNotFoundError as exc:
         if (exc.name or "").partition(".")[0] != "covalent_lot":
             raise
@@ -30,26 +33,27 @@ def rebuild(module: str, name: str, state: dict, extra: str):
             f"({sys.executable} on {socket.gethostname()}): pip install covalent-lot[{extra}] "
             f"there, or give the electron deps_pip=ct.DepsPip(packages=['covalent-lot[{extra}]'])"
         ) from None
+
+
+def rebuild(module: str, name: str, state: dict, extra: str):
+    """Make an instance of ``module.name`` with ``state`` as its ``__dict__``."""
+    cls = find(module, name, extra)
     obj = cls.__new__(cls)
     obj.__dict__.update(state)
     return obj
 
 
-def offloaded(fn, plan: dict):
-    """``@lot.offload``'s wrapper of ``fn``. It travels by value with this module, so
-    a host without covalent-lot fails with the line above, not deep in Covalent."""
+def offloaded(fn, plan: dict, runner: str):
+    """``@lot.offload``'s wrapper of ``fn``: calls ``runner`` ("module:function") with
+    ``fn, plan, args, kwargs``. It travels by value with this module, so a host
+    without covalent-lot fails with the line above, not deep in Covalent."""
     import functools
+
+    module, _, name = runner.partition(":")
 
     @functools.wraps(fn)
     def lot_offload(*args, **kwargs):
-        try:
-            from covalent_lot import _offload
-        except ModuleNotFoundError as exc:
-            if (exc.name or "").partition(".")[0] != "covalent_lot":
-                raise
-            rebuild("covalent_lot._offload", "Ref", {}, plan.get("extra", "all"))  # the one-line error
-            raise
-        return _offload.run(fn, plan, args, kwargs)
+        return find(module, name, plan.get("extra", "all"))(fn, plan, args, kwargs)
 
     lot_offload.lot_offload_plan = plan
     return lot_offload

@@ -10,7 +10,6 @@ a store.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -25,6 +24,7 @@ from datetime import datetime
 from typing import Any, Callable, Iterator, Sequence
 
 from . import __version__
+from ._cli_shared import human_size, open_strategy
 
 __all__ = ["main", "parse_age", "select_garbage", "GcPlan", "format_listing", "human_size"]
 
@@ -59,16 +59,6 @@ def parse_option(text: str) -> tuple[str, str]:
     if not sep or not name.strip():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     return name.strip(), value
-
-
-def human_size(size: int) -> str:
-    """Bytes as B/KiB/MiB/GiB/TiB with one decimal."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def format_time(modified: float | None, long: bool = False) -> str:
@@ -164,28 +154,18 @@ def is_uri(text: str) -> bool:
 # --- shared plumbing -----------------------------------------------------------------------
 
 
-def open_strategy(args: argparse.Namespace, uri: str, **overrides: Any):
-    """The strategy for ``uri``'s scheme with ``-o`` options, ``--store`` and ``overrides``."""
-    from ._strategy import strategy_for
-
-    options: dict[str, Any] = {**dict(args.option or ()), "store": args.store, **overrides}
-    if options["store"] is None:
-        del options["store"]
-    return strategy_for(uri, **options)
-
-
 def each_with_engine(strategy, items: Sequence[Any], fn: Callable[[Any, Any], Any]) -> list:
     """``fn(engine, item)`` for each item through one engine (one client), as many at once
     as the backend allows in a folder transfer (``file_concurrency``: 1 for paramiko's SFTP)."""
+    from ._pool import run_bounded
     from ._strategy import build_engine
 
     if not items:
         return []
     engine = build_engine(strategy.backend_path, strategy.settings.as_dict())
-    workers = max(1, min(len(items), engine.backend.file_concurrency()))
     try:
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="covalent-lot-cli") as pool:
-            return list(pool.map(lambda item: fn(engine, item), items))
+        return run_bounded(items, lambda item: fn(engine, item), engine.backend.file_concurrency(),
+                           name="covalent-lot-cli")
     finally:
         engine.backend.close()
 
