@@ -59,6 +59,15 @@ def big(n=100_000, seed=0):
     return np.random.default_rng(seed).random(n)  # 800 kB of random float64
 
 
+def stored_big(offload, **kwargs):
+    """What a producer electron that returns ``big()`` hands its consumers: a Ref."""
+    @offload(**kwargs)
+    def produce():
+        return big()
+
+    return produce()
+
+
 def smooth(n=200_000):
     return (np.arange(n) % 100).astype(np.int64)  # compresses ~10x
 
@@ -99,16 +108,15 @@ def test_a_large_array_becomes_a_ref_and_a_consumer_gets_the_array(offload, stor
     assert np.array_equal(ref.load(), array)
 
 
-def test_keys_carry_the_dispatch_and_node(offload, store, monkeypatch):
-    from covalent_lot import _offload
-
-    monkeypatch.setattr(_offload, "run_context", lambda: {"dispatch_id": "d-1", "node_id": "7"})
+def test_keys_carry_the_dispatch_and_node(offload, store):
+    from covalent.executor.utils.context import set_context
 
     @offload()
     def features():
         return big()
 
-    ref = features()
+    with set_context("d-1", 7):  # as Covalent's executor sets it while the task runs
+        ref = features()
     assert ref.uri.startswith(f"{PREFIX}d-1/7/features-{ref.raw_sha256[:16]}")
     assert (ref.dispatch_id, ref.node_id) == ("d-1", "7")
 
@@ -140,14 +148,10 @@ def test_refs_nested_in_lists_tuples_dicts_arrive_loaded(offload):
 def test_an_undecorated_consumer_gets_the_ref(offload):
     import covalent_lot as lot
 
-    @offload()
-    def produce():
-        return big()
-
     def consume(a):
         return a
 
-    assert isinstance(consume(produce()), lot.Ref)
+    assert isinstance(consume(stored_big(offload)), lot.Ref)
 
 
 @pytest.mark.parametrize("value, codec, suffix", [
@@ -192,25 +196,17 @@ def test_a_dataframe_round_trips_as_parquet(offload):
 def test_mmap_gives_a_read_only_memmap(offload):
     import covalent_lot as lot
 
-    @offload()
-    def produce():
-        return big()
-
     @lot.offload(mmap=True)
     def consume(a):
         assert isinstance(a, np.memmap) and not a.flags.writeable
         return float(a.sum())
 
-    assert consume(produce()) == pytest.approx(big().sum())
+    assert consume(stored_big(offload)) == pytest.approx(big().sum())
 
 
 # --- the same-host shortcut, the local cache ---------------------------------------------
 def test_a_verified_local_copy_is_used_without_a_download(offload, store, staging):
-    @offload()
-    def produce():
-        return big()
-
-    ref = produce()
+    ref = stored_big(offload)
     store.objects.clear()  # the store is gone: only the local copy can serve
     assert np.array_equal(ref.load(), big())
 
@@ -218,11 +214,7 @@ def test_a_verified_local_copy_is_used_without_a_download(offload, store, stagin
 def test_without_a_local_copy_it_is_downloaded_and_verified(offload, store, staging):
     import shutil
 
-    @offload()
-    def produce():
-        return big()
-
-    ref = produce()
+    ref = stored_big(offload)
     shutil.rmtree(staging)
     assert np.array_equal(ref.load(), big())
     from covalent_lot._stream import holds_verified
@@ -237,11 +229,7 @@ def test_a_consumer_holds_its_inputs_while_it_runs(offload, staging):
     from covalent_lot import _cache
     from tests.lot_fakes import xattrs_work
 
-    @offload()
-    def produce():
-        return big()
-
-    ref = produce()
+    ref = stored_big(offload)
     local = staging / "objects" / ref.raw_sha256[:2] / (ref.raw_sha256 + ".npy")
 
     @lot.offload(mmap=True)
@@ -260,15 +248,11 @@ def test_a_consumer_holds_its_inputs_while_it_runs(offload, staging):
 def test_dedup_uploads_bytes_once(offload, store, caplog):
     import logging
 
-    @offload(dedup=True)
-    def produce():
-        return big()
-
-    first = produce()
+    first = stored_big(offload, dedup=True)
     version = store.objects[("bkt", first.uri[len("s3://bkt/"):])].version
     assert first.uri == f"{PREFIX}sha256/{first.raw_sha256}.npy"
     with caplog.at_level(logging.INFO, logger="covalent_lot"):
-        second = produce()
+        second = stored_big(offload, dedup=True)
     assert second == first
     assert store.objects[("bkt", first.uri[len("s3://bkt/"):])].version == version  # not rewritten
     assert "not uploaded again" in caplog.text
@@ -354,15 +338,10 @@ def test_an_unencodable_value_is_a_type_error_naming_the_function(offload):
 def test_a_removed_object_names_the_uri_and_the_dispatch(offload, store, staging, monkeypatch):
     import shutil
 
-    from covalent_lot import _offload
+    from covalent.executor.utils.context import set_context
 
-    monkeypatch.setattr(_offload, "run_context", lambda: {"dispatch_id": "d-9", "node_id": "2"})
-
-    @offload()
-    def produce():
-        return big()
-
-    ref = produce()
+    with set_context("d-9", 2):
+        ref = stored_big(offload)
     store.objects.clear()
     shutil.rmtree(staging)
     with pytest.raises(FileNotFoundError) as info:
@@ -375,11 +354,7 @@ def test_an_overwritten_object_loads_nothing(offload, store, staging):
 
     import covalent_lot as lot
 
-    @offload()
-    def produce():
-        return big()
-
-    ref = produce()
+    ref = stored_big(offload)
     store.add("bkt", ref.uri[len("s3://bkt/"):], b"other bytes")
     shutil.rmtree(staging)
     with pytest.raises(lot.ChecksumMismatchError, match="overwritten. Nothing was loaded"):
@@ -401,13 +376,21 @@ def test_no_store_anywhere_names_offload_to(staging, monkeypatch):
         produce()
 
 
-def test_offload_to_comes_from_the_machine_that_runs_it(monkeypatch):
-    from covalent_lot import _offload
+def test_offload_to_comes_from_the_machine_that_runs_it(store, monkeypatch):
+    import covalent_lot as lot
     from covalent_lot._strategy import STRATEGIES
 
-    monkeypatch.setenv("COVALENT_LOT_OFFLOAD_TO", "gs://values/lot")
-    plan = _offload._plan(lambda: 1, None, 0, False, False, False, None, {})
-    assert _offload._prefix_here(plan) == ("gs://values/lot/", STRATEGIES["gs"], {})
+    # Decorated with no store: the machine that runs it names one (served from memory here).
+    @lot.offload(min_size=0, compress=False)
+    def produce():
+        return big()
+
+    monkeypatch.setitem(STRATEGIES, "s3", "tests.lot_fakes:MemoryS3Strategy")
+    monkeypatch.setenv("COVALENT_LOT_S3_FAKE_STORE", store.name)
+    monkeypatch.setenv("COVALENT_LOT_OFFLOAD_TO", "s3://values/lot")
+    ref = produce()
+    assert ref.uri.startswith("s3://values/lot/")
+    assert (ref.strategy, ref.options) == (STRATEGIES["s3"], {})
 
 
 def test_compression_without_zstandard_names_the_extra(offload, monkeypatch):
@@ -433,11 +416,7 @@ def test_a_ref_pickles_small_as_plain_values_with_no_secret(offload, monkeypatch
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-xyz")
 
-    @offload()
-    def produce():
-        return big()
-
-    ref = produce()
+    ref = stored_big(offload)
     blob = cloudpickle.dumps(ref)
     assert len(blob) < 4096 and b"s3cr3t" not in blob
     assert pickle.loads(blob) == ref
@@ -495,11 +474,7 @@ def test_offload_above_the_electron_says_where_it_goes():
 def test_a_value_larger_than_the_cache_limit_still_loads(offload, staging, monkeypatch):
     import shutil
 
-    @offload()
-    def produce():
-        return big()
-
-    ref = produce()
+    ref = stored_big(offload)
     shutil.rmtree(staging)
     monkeypatch.setenv("COVALENT_LOT_CACHE_LIMIT", "1KiB")
     assert np.array_equal(ref.load(), big())
