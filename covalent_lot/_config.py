@@ -113,12 +113,38 @@ def _parse_str(value: Any) -> str:
     raise ValueError(f"not a string: {value!r} (quote it in covalent.conf)")
 
 
+def _parse_url(value: Any) -> str:
+    text = _parse_str(value)
+    if not re.match(r"^https?://[^/\s]+", text):
+        raise ValueError(f"must be an http:// or https:// URL, got {text!r}")
+    return text
+
+
+def _parse_abspath(value: Any) -> str:
+    text = _parse_str(value)
+    if not os.path.isabs(os.path.expanduser(text)):
+        raise ValueError(f"must be an absolute path (electrons run in another working directory), got {text!r}")
+    return text
+
+
+def _parse_envname(value: Any) -> str:
+    text = _parse_str(value)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
+        # The value may be the secret itself, pasted by mistake: never show it.
+        raise ValueError("must be the NAME of an environment variable (letters, digits, '_'), not "
+                         "its value; set the secret itself in the executor's environment")
+    return text
+
+
 PARSERS: dict[str, Callable[[Any], Any]] = {
     "size": parse_size,
     "int": _parse_int,
     "float": _parse_float,
     "bool": _parse_bool,
     "str": _parse_str,
+    "url": _parse_url,  # an http(s) endpoint
+    "abspath": _parse_abspath,  # a path read on the executor, wherever the electron runs
+    "envname": _parse_envname,  # the name of an environment variable holding a secret
 }
 
 
@@ -132,6 +158,7 @@ class Option:
     minimum: float | None = None
     choices: tuple[str, ...] | None = None
     maximum: float | None = None
+    multiple_of: int | None = None  # sizes a protocol takes only in whole units
 
     def coerce(self, name: str, value: Any, origin: str) -> Any:
         try:
@@ -142,7 +169,14 @@ class Option:
             shown = f"{int(self.minimum):,} bytes" if self.kind == "size" else self.minimum
             raise ValueError(f"option {name} from {origin} must be >= {shown}, got {value!r}")
         if self.maximum is not None and parsed > self.maximum:
-            raise ValueError(f"option {name} from {origin} must be <= {self.maximum}, got {value!r}")
+            shown = f"{int(self.maximum):,} bytes" if self.kind == "size" else self.maximum
+            raise ValueError(f"option {name} from {origin} must be <= {shown}, got {value!r}")
+        if self.multiple_of is not None and parsed is not None and parsed % self.multiple_of:
+            lower = max(self.multiple_of, parsed - parsed % self.multiple_of)
+            raise ValueError(
+                f"option {name} from {origin} must be a multiple of {self.multiple_of:,} bytes, "
+                f"got {parsed:,} bytes; e.g. {lower:,}"
+            )
         if self.choices is not None and parsed not in self.choices:
             raise ValueError(
                 f"option {name} from {origin} must be one of {', '.join(self.choices)}, got {value!r}"

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
-from ._errors import ChecksumMismatchError, Classified, translate
+from ._errors import ChecksumMismatchError, Classified, ErrorKind, MissingBucket, builtin_verdict, exception_chain, translate
 from ._pool import run_bounded
 from ._retry import RetryPolicy
 from ._stream import (
@@ -144,13 +144,14 @@ class Backend(ABC):
 
     @abstractmethod
     def put_file(self, local_path: str, location: StoreURI, size: int,
-                 sha256: str | Callable[[], str] | None) -> None:
-        """Stream a local file to ``location`` with ``sha256`` stored with it.
+                 digest: Callable[[], str | None]) -> None:
+        """Stream a local file to ``location`` with its sha256 stored with it.
 
-        ``sha256`` is the hex digest, or (for ``checksum_after_upload``
-        backends) a callable returning it once the concurrent hash is done,
-        or None when checksums are off. Must never leave a partial object
-        visible under ``location``.
+        ``digest()`` returns the hex digest (None when checksums are off); for
+        ``checksum_after_upload`` backends it waits for the hash that runs
+        alongside the upload, so call it only when the bytes are sent. Must
+        never leave a partial object visible under ``location``; report bytes
+        sent with ``sent(n)``.
         """
 
     @abstractmethod
@@ -173,8 +174,57 @@ class Backend(ABC):
         """Remove one object."""
 
     @abstractmethod
+    def classify_one(self, err: BaseException) -> Classified | None:
+        """Place one exception of a chain in the error table; None if it is not the service's.
+
+        The engine walks the chain (outermost first) and takes the first verdict;
+        a ``weak`` one (a wrapper that says little) only if nothing below is known.
+        """
+
+    def missing_container(self, location: StoreURI, cause: BaseException) -> MissingBucket | None:
+        """After ``location`` was reported missing: the bucket (container, directory)
+        above it if that is what is missing, else None. Services answer "not found"
+        for a missing object and a missing bucket alike; override to tell them apart."""
+        return None
+
+    # --- what the engine gives every backend ----------------------------------------
     def classify(self, exc: BaseException) -> Classified | None:
-        """Place an SDK exception in the error table; None if it is not the service's."""
+        """The verdict on ``exc``: the first exception of its chain the backend (or
+        the built-in table of timeouts and dropped connections) recognises."""
+        fallback = None
+        for err in exception_chain(exc):
+            if isinstance(err, ChecksumMismatchError):
+                return None  # the engine's own verdict, whatever SDK error caused it
+            if isinstance(err, MissingBucket):
+                return err.verdict()
+            verdict = self.classify_one(err) or builtin_verdict(err)
+            if verdict is not None and verdict.weak:
+                fallback = fallback or verdict
+            elif verdict is not None:
+                return verdict
+        return fallback
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Worth sending again unchanged: a transient kind, never a checksum mismatch."""
+        if isinstance(exc, ChecksumMismatchError):
+            return False
+        verdict = self.classify(exc)
+        return verdict is not None and verdict.transient
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy.from_settings(self.settings)
+
+    def retrying(self, request: Callable[[], T]) -> Callable[[], T]:
+        """``request`` retried on its own with the engine's policy and error table:
+        for SDKs that send one transfer as many requests (chunks of a resumable
+        upload), so that a dropped connection costs one request, not the transfer."""
+
+        def note(attempt: int, exc: BaseException, wait: float) -> None:
+            log.warning("request failed (%s); sending it again in %.1f s (attempt %d)",
+                        type(exc).__name__, wait, attempt + 1)
+
+        return lambda: self.retry_policy.run(request, self.is_transient, note)
 
     def sent(self, nbytes: int) -> None:
         """Report ``nbytes`` more of an upload sent (for a progress bar)."""
@@ -234,14 +284,13 @@ class Engine:
         run_bounded(items, fn, self.backend.file_concurrency(), name="covalent-lot-file")
 
     # --- one guarded service call -------------------------------------------------------
-    def _guard(self, action: str, target: str, fn: Callable[[], T], stats: TransferStats) -> T:
-        """Run ``fn`` with retries on transient errors; translate service errors."""
+    def _guard(self, action: str, target: str, fn: Callable[[], T], stats: TransferStats,
+               location: StoreURI | None = None) -> T:
+        """Run ``fn`` with retries on transient errors; translate service errors.
 
-        def transient(exc: BaseException) -> bool:
-            if isinstance(exc, ChecksumMismatchError):
-                return False
-            verdict = self.backend.classify(exc)
-            return verdict is not None and verdict.transient
+        With ``location``, a "not found" is checked once more: is it the object,
+        or the bucket above it (``Backend.missing_container``)?
+        """
 
         def on_retry(attempt: int, exc: BaseException, wait: float) -> None:
             with self._count:
@@ -251,13 +300,21 @@ class Engine:
                         action, target, attempt, first_line, wait)
 
         try:
-            return self.policy.run(fn, transient, on_retry)
+            return self.policy.run(fn, self.backend.is_transient, on_retry)
         except ChecksumMismatchError:
             raise
         except Exception as exc:
             verdict = self.backend.classify(exc)
             if verdict is None:
                 raise
+            if location is not None and verdict.kind is ErrorKind.NOT_FOUND and not any(
+                    isinstance(err, MissingBucket) for err in exception_chain(exc)):
+                try:
+                    missing = self.backend.missing_container(location, exc)
+                except Exception:  # noqa: BLE001 - no answer (e.g. no right to look): the 404 stands
+                    missing = None
+                if missing is not None:
+                    verdict = missing.verdict()
             raise translate(
                 verdict, action=action, target=target, endpoint=self.backend.endpoint
             ) from exc
@@ -307,28 +364,28 @@ class Engine:
     def _upload_one(self, path: str, destination: StoreURI, stats: TransferStats) -> None:
         before = os.stat(path)
         hashing = None
-        recorded = recorded_sha256(path) if self.verify and self._reuse_local else None
+        recorded = recorded_sha256(path) if self._reuse_local else None
         if not self.verify:
-            sha256 = None
+            digest = _known(None)
         elif recorded is not None:
             # Hashed when it was written here (an offloaded value) or verified by a
             # download, unchanged since: the same trust as reuse_local's.
-            sha256 = recorded
+            digest = _known(recorded)
         elif self.backend.checksum_after_upload:
             # The digest is needed only after the bytes: hash alongside the upload.
             hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="covalent-lot-sha256")
             future = hashing.submit(sha256_file, path)
-            sha256 = lambda: future.result()[0]  # noqa: E731
+            digest = lambda: future.result()[0]  # noqa: E731
         else:
             # Object stores take metadata when an upload starts, so the checksum
             # is computed in one streaming pass first; a copy afterwards to attach
             # it would cost more than the pass (see README, "Integrity").
-            sha256 = sha256_file(path)[0]
+            digest = _known(sha256_file(path)[0])
         try:
             self._guard(
                 "upload to", str(destination),
-                lambda: self.backend.put_file(path, destination, before.st_size, sha256),
-                stats,
+                lambda: self.backend.put_file(path, destination, before.st_size, digest),
+                stats, destination,
             )
         finally:
             if hashing is not None:
@@ -340,15 +397,15 @@ class Engine:
                 f"upload source {path!r} changed while it was uploaded; the object "
                 f"{destination} was removed again. Write the file completely before the upload runs."
             )
-        if sha256 is not None and self._reuse_local:
+        if self._reuse_local:
             # A consumer on this machine whose local path is this file skips its download.
-            mark_verified(path, sha256() if callable(sha256) else sha256)
+            mark_verified(path, digest())
         log.debug("uploaded %s -> %s (%d bytes, sha256 %s)", path, destination, before.st_size,
-                  "stored" if sha256 is not None else "off")
+                  "stored" if self.verify else "off")
         with self._count:
             stats.files += 1
             stats.bytes += before.st_size
-            stats.verified += sha256 is not None
+            stats.verified += self.verify
 
     # --- download -------------------------------------------------------------------------
     def download(self, source: StoreURI, local_path: str) -> TransferStats:
@@ -374,12 +431,12 @@ class Engine:
                     "uploads nothing)"
                 )
         else:
-            obj = self._guard("read", str(source), lambda: self.backend.stat(source), stats)
+            obj = self._guard("read", str(source), lambda: self.backend.stat(source), stats, source)
             self._download_one(obj, local_path, stats)
         return self._finish(stats, started)
 
     def _list(self, prefix: StoreURI, stats: TransferStats) -> list[RemoteObject]:
-        return self._guard("list", str(prefix), lambda: list(self.backend.iter_objects(prefix)), stats)
+        return self._guard("list", str(prefix), lambda: list(self.backend.iter_objects(prefix)), stats, prefix)
 
     @property
     def _reuse_local(self) -> bool:
@@ -400,7 +457,7 @@ class Engine:
             sink = VerifyingSink(f, hashing=self.verify, on_bytes=self.progress)
             try:
                 seen = self._guard("download", str(obj.location),
-                                   lambda: self._get_resuming(obj, sink), stats)
+                                   lambda: self._get_resuming(obj, sink), stats, obj.location)
                 expected = seen.sha256 if seen.sha256 is not None else obj.sha256
                 actual = sink.hexdigest() if self.verify and expected is not None else None
             finally:
@@ -455,13 +512,15 @@ class Engine:
             if not pairs:
                 raise FileNotFoundError(f"copy {source}: no objects under this folder")
         else:
-            pairs = [(self._guard("read", str(source), lambda: self.backend.stat(source), stats),
+            pairs = [(self._guard("read", str(source), lambda: self.backend.stat(source), stats, source),
                       destination)]
         def copy_one(pair: tuple[RemoteObject, StoreURI]) -> None:
             obj, target = pair
             if obj.sha256 is None:  # some listings leave out metadata: say truly whether it goes along
-                obj = self._guard("read", str(obj.location), lambda: self.backend.stat(obj.location), stats)
-            self._guard("copy", f"{obj.location} -> {target}", lambda: self.backend.copy(obj, target), stats)
+                obj = self._guard("read", str(obj.location), lambda: self.backend.stat(obj.location), stats,
+                                  obj.location)
+            self._guard("copy", f"{obj.location} -> {target}", lambda: self.backend.copy(obj, target), stats,
+                        target)
             if self.progress is not None:
                 self.progress(obj.size)
             with self._count:
@@ -479,7 +538,7 @@ class Engine:
         stats = TransferStats("list", str(location), "")
         if location.is_folder:
             return self._list(location, stats)
-        return [self._guard("read", str(location), lambda: self.backend.stat(location), stats)]
+        return [self._guard("read", str(location), lambda: self.backend.stat(location), stats, location)]
 
     def delete(self, location: StoreURI) -> TransferStats:
         """Remove one object, or every object below a folder URI."""
@@ -506,6 +565,10 @@ class Engine:
 
         self._each(objects, delete_one)
         return self._finish(stats, started)
+
+
+def _known(value: str | None) -> Callable[[], str | None]:
+    return lambda: value
 
 
 def _walk_files(root: str) -> Iterator[tuple[str, str]]:

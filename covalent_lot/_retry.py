@@ -6,7 +6,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 __all__ = ["RetryPolicy"]
 
@@ -43,6 +43,11 @@ class RetryPolicy:
                 or value < 0
             ):
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "RetryPolicy":
+        """The policy of a strategy's options (``max_attempts``, ``base_delay``, ``max_delay``)."""
+        return cls(settings["max_attempts"], settings["base_delay"], settings["max_delay"])
 
     def delay(self, attempt: int, rng: Callable[[float, float], float] = random.uniform) -> float:
         # The exponent is capped: 2**1024 would overflow a float.

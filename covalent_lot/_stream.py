@@ -61,6 +61,43 @@ def sha256_file(path: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+class ConfirmedPrefix:
+    """Byte ranges that arrive in any order, and how far they reach without a gap.
+
+    ``prefix``: every byte of ``[start, prefix)`` was confirmed (written and
+    acknowledged), so a new attempt may resume there. Ranges past a gap wait
+    until it fills; there are about as many of them as ranges in flight, so a
+    linear scan is cheap. Not thread-safe: the owner holds its own lock.
+    """
+
+    def __init__(self, start: int = 0):
+        self.prefix = start
+        self._ranges: dict[int, int] = {}  # start -> end of ranges confirmed past the prefix
+
+    def add(self, start: int, end: int) -> bool:
+        """Record ``[start, end)``; False (and nothing recorded) if it overlaps what was."""
+        if start < self.prefix:
+            return False
+        for s, e in list(self._ranges.items()):
+            if s < end and start < e:
+                return False
+            if e == start:
+                start = s
+                del self._ranges[s]
+            elif s == end:
+                end = e
+                del self._ranges[s]
+        self._ranges[start] = end
+        while self.prefix in self._ranges:
+            self.prefix = self._ranges.pop(self.prefix)
+        return True
+
+    def reset(self, start: int) -> None:
+        """Forget every range; the prefix ends at ``start``."""
+        self._ranges.clear()
+        self.prefix = start
+
+
 class VerifyingSink:
     """A writable, seekable file that hashes what is written, in file order.
 
@@ -82,8 +119,7 @@ class VerifyingSink:
         self._hash = hashlib.sha256() if hashing else None
         self._pos = 0  # file position for seek/write callers
         self._file_pos = fileobj.tell()  # where the underlying file object stands
-        self._ready = 0  # [0, _ready) is written and flushed: the hasher may read it
-        self._covered: dict[int, int] = {}  # start -> end of ranges written past _ready
+        self._written = ConfirmedPrefix()  # [0, prefix) is written and flushed: the hasher may read it
         self._hashed = 0  # [0, _hashed) is hashed (advanced by the hasher thread)
         self._rehash = False  # writes overlapped: hash the finished file instead
         self._closing = False
@@ -141,15 +177,13 @@ class VerifyingSink:
             self.bytes_written += n
             if self._hash is None or self._rehash or n == 0:
                 return n
-            if not self._cover(offset, offset + n):
+            before = self._ready
+            if not self._written.add(offset, offset + n):
                 # Bytes written twice (an SDK retrying a range): the running hash
                 # may not match the file any more; hash the finished file instead.
                 self._rehash = True
                 self._cond.notify_all()
                 return n
-            before = self._ready
-            while self._ready in self._covered:
-                self._ready = self._covered.pop(self._ready)
             if offset == before == self._hashed:
                 # In order with nothing left to hash (the hasher is idle): hash
                 # these bytes from memory; no flush, no re-read, no hand-off.
@@ -161,23 +195,9 @@ class VerifyingSink:
                 self._cond.notify_all()
         return n
 
-    def _cover(self, start: int, end: int) -> bool:
-        """Record [start, end) as written; False if it overlaps what was written."""
-        if start < self._ready:
-            return False
-        # Ranges are merged as they grow, so there are about as many entries
-        # as ranges in flight and a linear scan is cheap.
-        for s, e in list(self._covered.items()):
-            if s < end and start < e:
-                return False
-            if e == start:
-                start = s
-                del self._covered[s]
-            elif s == end:
-                end = e
-                del self._covered[s]
-        self._covered[start] = end
-        return True
+    @property
+    def _ready(self) -> int:
+        return self._written.prefix
 
     # --- the hasher -----------------------------------------------------------------------
     def _start_hasher(self) -> None:
@@ -232,13 +252,14 @@ class VerifyingSink:
             if self._failure is not None:
                 keep_prefix = False  # the hasher failed: its state cannot be trusted
             if not keep_prefix:
-                self._ready = self._hashed = 0
+                self._written.reset(0)
+                self._hashed = 0
                 self._rehash = False
                 self._failure = None
                 if self._hash is not None:
                     self._hash = hashlib.sha256()
             self._closing = False
-            self._covered.clear()
+            self._written.reset(self._ready)
             self._f.flush()
             self._f.truncate(self._ready)
             self._f.seek(self._ready)
@@ -253,7 +274,7 @@ class VerifyingSink:
             self._f.flush()
             size = os.fstat(self._f.fileno()).st_size
             if not self._rehash and size > self._ready:
-                self._ready = size  # the file is final: hash all of it, holes included
+                self._written.reset(size)  # the file is final: hash all of it, holes included
                 self._start_hasher()
                 self._cond.notify_all()
             while not (self._rehash or self._failure or self._hashed >= size):

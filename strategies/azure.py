@@ -599,7 +599,7 @@ class AzureBackend(Backend):
             "check that the credential may access this container"
         )
 
-    def classify(self, exc: BaseException) -> Classified | None:
+    def classify_one(self, exc: BaseException) -> Classified | None:
         from azure.core import exceptions as ax
 
         timeouts = tuple(

@@ -315,7 +315,7 @@ class GCSBackend(Backend):
             pass
 
     # --- the error table ------------------------------------------------------------------
-    def classify(self, exc: BaseException) -> Classified | None:
+    def classify_one(self, exc: BaseException) -> Classified | None:
         from google.api_core import exceptions as gx
         from google.auth import exceptions as ax
         from requests import exceptions as rx

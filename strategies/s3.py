@@ -16,8 +16,9 @@ from typing import Any, Iterator, Mapping
 
 from covalent_lot._config import Option
 from covalent_lot._engine import Backend, RemoteObject, epoch_seconds
-from covalent_lot._errors import Classified, ErrorKind, exception_chain
-from covalent_lot._errors import MissingBucket as _MissingBucket
+from covalent_lot._errors import (
+    HTTP_STATUS_KINDS, Classified, ErrorKind, MissingBucket, codes_to_kinds, http_verdict,
+)
 from covalent_lot._stream import CHECKSUM_KEY, VerifyingSink
 from covalent_lot._strategy import LotStrategy, key_too_long
 from covalent_lot._uri import StoreURI
@@ -44,22 +45,28 @@ OPTIONS: dict[str, Option] = {
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
-_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchVersion"}
-_DENIED = {
-    "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled",
-    "AccountProblem", "InvalidSecurity", "401", "Unauthorized",
-}
-_EXISTS = {"PreconditionFailed", "412", "ConditionalRequestConflict", "BucketAlreadyExists"}
-_THROTTLED = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-    "TooManyRequests", "RequestThrottled", "429", "503", "ServiceUnavailable",
-}
-_TIMEOUT = {"RequestTimeout", "RequestTimeoutException"}
-_INVALID = {
-    "InvalidBucketName", "KeyTooLongError", "InvalidArgument", "InvalidRequest",
-    "InvalidStorageClass", "InvalidObjectName", "MetadataTooLarge",
-}
+# Error codes S3 and compatible servers send, where the HTTP status alone misleads.
+_CODES = codes_to_kinds(
+    NOT_FOUND={"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchVersion"},
+    DENIED={
+        "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+        "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled",
+        "AccountProblem", "InvalidSecurity", "401", "Unauthorized",
+    },
+    EXISTS={"PreconditionFailed", "412", "ConditionalRequestConflict", "BucketAlreadyExists"},
+    THROTTLED={
+        "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+        "TooManyRequests", "RequestThrottled", "429", "503", "ServiceUnavailable",
+    },
+    TIMEOUT={"RequestTimeout", "RequestTimeoutException"},
+    SERVER={"InternalError", "500"},
+    INVALID={
+        "InvalidBucketName", "KeyTooLongError", "InvalidArgument", "InvalidRequest",
+        "InvalidStorageClass", "InvalidObjectName", "MetadataTooLarge",
+    },
+)
+# S3 says what a 400 or 409 means in its error code; the status alone is no verdict.
+_STATUSES = {status: kind for status, kind in HTTP_STATUS_KINDS.items() if status not in (400, 409, 504)}
 
 
 def _bucket_problem(bucket: str) -> str | None:
@@ -131,21 +138,15 @@ class S3Backend(Backend):
         return self.settings["endpoint_url"] or "AWS S3"
 
     def stat(self, location: StoreURI) -> RemoteObject:
-        try:
-            head = self.client.head_object(Bucket=location.bucket, Key=location.key)
-        except Exception as exc:
-            if self._code(exc) in ("404", "NotFound", "NoSuchKey"):
-                self._raise_if_bucket_missing(location.bucket, exc)
-            raise
-        return self._object(location, head)
+        return self._object(location, self.client.head_object(Bucket=location.bucket, Key=location.key))
 
-    def _raise_if_bucket_missing(self, bucket: str, cause: BaseException) -> None:
-        """HEAD answers 404 for a missing key and a missing bucket alike: tell them apart."""
+    def missing_container(self, location: StoreURI, cause: BaseException) -> MissingBucket | None:
+        # HEAD answers 404 for a missing key and a missing bucket alike.
         try:
-            self.client.head_bucket(Bucket=bucket)
+            self.client.head_bucket(Bucket=location.bucket)
         except Exception as exc:
             if self._code(exc) in ("404", "NoSuchBucket", "NotFound"):
-                raise _MissingBucket(bucket) from cause
+                return MissingBucket(location.bucket)
         return None
 
     @staticmethod
@@ -169,14 +170,15 @@ class S3Backend(Backend):
                     item.get("ETag"), epoch_seconds(item.get("LastModified")),
                 )
 
-    def put_file(self, local_path: str, location: StoreURI, size: int, sha256: str | None) -> None:
+    def put_file(self, local_path: str, location: StoreURI, size: int, digest) -> None:
         extra = dict(self._extra)
+        sha256 = digest()
         if sha256 is not None:
             extra["Metadata"] = {CHECKSUM_KEY: sha256}
         # Single PUTs and multipart uploads both become visible only when
         # complete; a failed multipart upload is aborted by boto3.
         self.client.upload_file(local_path, location.bucket, location.key,
-                                 ExtraArgs=extra, Config=self._transfer, Callback=self.progress)
+                                 ExtraArgs=extra, Config=self._transfer, Callback=self.sent)
 
     def get_into(self, obj: RemoteObject, sink: VerifyingSink, start: int = 0) -> RemoteObject:
         location = obj.location
@@ -230,49 +232,27 @@ class S3Backend(Backend):
             return str(response.get("Error", {}).get("Code", "")) or None
         return None
 
-    def classify(self, exc: BaseException) -> Classified | None:
+    def classify_one(self, err: BaseException) -> Classified | None:
         from botocore import exceptions as bx
 
-        for err in exception_chain(exc):
-            if isinstance(err, _MissingBucket):
-                return err.verdict()
-            if isinstance(err, bx.ClientError):
-                code = self._code(err) or ""
-                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                message = err.response.get("Error", {}).get("Message") or code
-                detail = f"{code}: {message}" if message != code else code
-                if code in _NOT_FOUND or status == 404:
-                    return Classified(ErrorKind.NOT_FOUND, detail or "no such object")
-                if code in _DENIED or status in (401, 403):
-                    return Classified(ErrorKind.DENIED, detail)
-                if code in _EXISTS or status == 412:
-                    return Classified(ErrorKind.EXISTS, detail,
-                                      "the object changed or exists; retry to read the new version")
-                if code in _THROTTLED or status in (429, 503):
-                    return Classified(ErrorKind.THROTTLED, detail)
-                if code in _TIMEOUT or status == 408:
-                    return Classified(ErrorKind.TIMEOUT, detail)
-                if status >= 500 or code in ("InternalError", "500"):
-                    return Classified(ErrorKind.SERVER, detail)
-                if code in _INVALID:
-                    return Classified(ErrorKind.INVALID, detail, "")
-                return Classified(ErrorKind.OTHER, detail, "")
-            if isinstance(err, (bx.NoCredentialsError, bx.PartialCredentialsError)):
-                return Classified(ErrorKind.DENIED, "no AWS credentials found on the executor",
-                                  "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE there, "
-                                  "or profile in [lot.s3]")
-            if isinstance(err, bx.ProfileNotFound):
-                return Classified(ErrorKind.INVALID, str(err),
-                                  "fix profile in [lot.s3] or add it to ~/.aws/config on the executor")
-            if isinstance(err, (bx.ConnectTimeoutError, bx.ReadTimeoutError)):
-                return Classified(ErrorKind.TIMEOUT, str(err))
-            if isinstance(err, (bx.EndpointConnectionError, bx.ConnectionClosedError,
-                                bx.ResponseStreamingError, bx.ConnectionError,
-                                bx.IncompleteReadError)):
-                return Classified(ErrorKind.CONNECTION, str(err))
-            if isinstance(err, (ConnectionError, TimeoutError)) and not isinstance(err, bx.BotoCoreError):
-                kind = ErrorKind.TIMEOUT if isinstance(err, TimeoutError) else ErrorKind.CONNECTION
-                return Classified(kind, str(err))
+        if isinstance(err, bx.ClientError):
+            code = self._code(err) or ""
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            message = err.response.get("Error", {}).get("Message") or code
+            detail = f"{code}: {message}" if message != code else code
+            return http_verdict(status, code, detail or "no such object", codes=_CODES, statuses=_STATUSES)
+        if isinstance(err, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+            return Classified(ErrorKind.DENIED, "no AWS credentials found on the executor",
+                              "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE there, "
+                              "or profile in [lot.s3]")
+        if isinstance(err, bx.ProfileNotFound):
+            return Classified(ErrorKind.INVALID, str(err),
+                              "fix profile in [lot.s3] or add it to ~/.aws/config on the executor")
+        if isinstance(err, (bx.ConnectTimeoutError, bx.ReadTimeoutError)):
+            return Classified(ErrorKind.TIMEOUT, str(err))
+        if isinstance(err, (bx.EndpointConnectionError, bx.ConnectionClosedError,
+                            bx.ResponseStreamingError, bx.ConnectionError, bx.IncompleteReadError)):
+            return Classified(ErrorKind.CONNECTION, str(err))
         return None
 
 

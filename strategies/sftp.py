@@ -863,7 +863,7 @@ class SFTPBackend(Backend):
         self._remove_quietly(conn.primary, sidecar_path(path))
 
     # --- the error table ----------------------------------------------------------------
-    def classify(self, exc: BaseException) -> Classified | None:
+    def classify_one(self, exc: BaseException) -> Classified | None:
         import paramiko
 
         try:

@@ -121,7 +121,7 @@ class MemoryBackend(Backend):
                 yield RemoteObject(StoreURI(prefix.scheme, bucket, key), len(stored.data),
                                    None, stored.version)
 
-    def put_file(self, local_path: str, location: StoreURI, size: int, sha256: str | None) -> None:
+    def put_file(self, local_path: str, location: StoreURI, size: int, digest) -> None:
         self.calls["put_file"] += 1
         parts = []
         with open(local_path, "rb") as f:
@@ -135,7 +135,7 @@ class MemoryBackend(Backend):
                     hook, self.during_put = self.during_put, None
                     hook(local_path)
         self.objects[(location.bucket, location.key)] = Stored(
-            b"".join(parts), sha256, f'"v{next(_versions)}"')
+            b"".join(parts), digest(), f'"v{next(_versions)}"')
 
     def get_into(self, obj: RemoteObject, sink: VerifyingSink, start: int = 0) -> RemoteObject:
         self.calls["get_into"] += 1
@@ -166,7 +166,7 @@ class MemoryBackend(Backend):
         self.calls["delete"] += 1
         self.objects.pop((location.bucket, location.key), None)
 
-    def classify(self, exc: BaseException) -> Classified | None:
+    def classify_one(self, exc: BaseException) -> Classified | None:
         if isinstance(exc, FakeServiceError):
             return Classified(exc.kind, exc.detail)
         return None

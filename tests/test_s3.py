@@ -6,7 +6,7 @@ import pytest
 from botocore import exceptions as bx
 
 from covalent_lot._engine import Engine, TransferStats
-from covalent_lot._errors import EXCEPTION_FOR, TRANSIENT, Classified, ErrorKind, translate
+from covalent_lot._errors import EXCEPTION_FOR, TRANSIENT, Classified, ErrorKind, MissingBucket, translate
 from covalent_lot._retry import RetryPolicy
 
 from .lot_fakes import EXPECTED_TYPE, counting
@@ -192,7 +192,7 @@ def test_wrapped_client_error_is_found_through_the_context(backend):
 
 
 def test_missing_bucket_marker(backend, s3mod):
-    verdict = backend.classify(s3mod._MissingBucket("gone-bucket"))
+    verdict = backend.classify(MissingBucket("gone-bucket"))
     assert verdict.kind is ErrorKind.NOT_FOUND
     assert "'gone-bucket'" in verdict.detail
 
