@@ -115,14 +115,20 @@ def hold_until_exit(path: str) -> None:
 
 @dataclass
 class TrimReport:
+    """What :func:`trim` found in ``root`` and removed from it."""
+
     root: str
     limit: int
-    size_before: int = 0
-    size_after: int = 0
+    size_before: int = 0  # bytes found, abandoned partials removed on the way not counted
+
     evicted: int = 0
     evicted_bytes: int = 0
     stale_partials: int = 0
     held_skipped: int = 0  # verified copies skipped because someone holds them
+
+    @property
+    def size_after(self) -> int:
+        return self.size_before - self.evicted_bytes
 
     def summary(self) -> str:
         return (f"{self.root}: {self.size_before:,} -> {self.size_after:,} bytes (limit "
@@ -202,7 +208,6 @@ def trim(root: str, limit: int, *, now: float | None = None, everything: bool = 
             total -= size
             report.evicted += 1
             report.evicted_bytes += size
-    report.size_after = total
     if report.evicted:
         _remove_empty_folders(root, now)
         log.info("local cache %s", report.summary())

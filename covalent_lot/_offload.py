@@ -37,6 +37,7 @@ with these bytes and uploaded once (``gc --older-than`` finds them, ``gc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -78,6 +79,7 @@ _CODECS = {codec.name: codec for codec in _objects.CODECS}
 
 
 # --- the reference --------------------------------------------------------------------------
+@dataclasses.dataclass(eq=False, repr=False)  # equality is Portable's: the same plain values
 class Ref(Portable):
     """A value offloaded by :func:`offload`: where it is and how to read it back.
 
@@ -90,22 +92,19 @@ class Ref(Portable):
 
     VERSION = 1
 
-    def __init__(self, uri: str, sha256: str, size: int, raw_sha256: str, raw_size: int, codec: str,
-                 compression: str | None, dispatch_id: str | None, node_id: str | None,
-                 strategy: str, options: dict, extra: str = "all"):
-        self.version = self.VERSION
-        self.uri = uri
-        self.sha256 = sha256
-        self.size = size
-        self.raw_sha256 = raw_sha256
-        self.raw_size = raw_size
-        self.codec = codec
-        self.compression = compression
-        self.dispatch_id = dispatch_id
-        self.node_id = node_id
-        self.strategy = strategy
-        self.options = options
-        self.extra = extra
+    uri: str
+    sha256: str
+    size: int
+    raw_sha256: str
+    raw_size: int
+    codec: str
+    compression: str | None
+    dispatch_id: str | None
+    node_id: str | None
+    strategy: str
+    options: dict
+    extra: str = "all"
+    version: int = dataclasses.field(default=VERSION, init=False)
 
     def load(self, *, mmap: bool = False) -> Any:
         """The value, from this machine's verified local copy or downloaded and

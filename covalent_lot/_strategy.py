@@ -10,6 +10,7 @@ covalent.conf, its staging folder, the SDK client and so its credentials.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import socket
@@ -182,6 +183,7 @@ class Portable:
         return (_portable.rebuild, (cls.__module__, cls.__qualname__, dict(self.__dict__), self.extra))
 
 
+@dataclasses.dataclass(eq=False, repr=False)  # equality is Portable's: the same plain values
 class TransferCall(Portable):
     """What Covalent pickles and runs on the executor for one file transfer.
 
@@ -189,14 +191,12 @@ class TransferCall(Portable):
     code; everything else is resolved where it runs (:func:`settings_here`).
     """
 
-    def __init__(self, action: str, strategy: str, options: dict, source: str,
-                 destination: str, extra: str = "all"):
-        self.action = action
-        self.strategy = strategy
-        self.options = options
-        self.source = source
-        self.destination = destination
-        self.extra = extra
+    action: str
+    strategy: str  # "module:Class"
+    options: dict
+    source: str
+    destination: str
+    extra: str = "all"
 
     def settings(self) -> Settings:
         return settings_here(self.strategy, self.options)
