@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pickle
@@ -166,11 +165,11 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkey
     if failing == "pickle":
         obj, error = {"new": Unpicklable()}, RuntimeError
     else:  # interrupted half-way through writing
-        def interrupted(obj, f):
+        def interrupted(obj, f, **_options):
             f.write(b"half")
             raise KeyboardInterrupt
 
-        monkeypatch.setitem(_objects._BY_SUFFIX, ".pkl", dataclasses.replace(_objects.PICKLE, write=interrupted))
+        monkeypatch.setattr(pickle, "dump", interrupted)
         obj, error = {"new": True}, KeyboardInterrupt
     with pytest.raises(error):
         _objects.save(obj, path)
@@ -230,6 +229,12 @@ def memory(call, store):
     return in_memory(call, store)
 
 
+def removal(h, store):
+    """What runs after a delete-after consumer of ``h`` returned, pointed at ``store``."""
+    _before, after = h.download(delete_after=True).cp()
+    return memory(after, store)
+
+
 class DenyingBackend(MemoryBackend):
     def delete(self, location):
         raise FakeServiceError(ErrorKind.DENIED, "no delete permission")
@@ -280,7 +285,7 @@ def test_delete_after_downloads_before_and_removes_after(context, tmp_path, stor
 def test_discard_tidies_the_default_staging_layout(context, tmp_path, store):
     h = lot.handoff("s3://bkt/runs/{dispatch_id}/x.bin", staging_dir=str(tmp_path))
     other = lot.handoff("s3://bkt/runs/{dispatch_id}/y.bin", staging_dir=str(tmp_path))
-    discard_h, discard_other = memory(h._discard(), store), memory(other._discard(), store)
+    discard_h, discard_other = removal(h, store), removal(other, store)
     produce(h, context, store)
     produce(other, context, store)
     with context("d-5", 3):
@@ -292,7 +297,7 @@ def test_discard_tidies_the_default_staging_layout(context, tmp_path, store):
 
 def test_discard_of_a_folder_handoff(context, tmp_path, store):
     h = lot.handoff("s3://bkt/runs/{dispatch_id}/shards/", staging_dir=str(tmp_path))
-    discard = memory(h._discard(), store)
+    discard = removal(h, store)
     backend = MemoryBackend({"fake_store": store})
     for key in ("runs/d-5/shards/a", "runs/d-5/shards/n/b", "runs/d-5/other"):
         backend.add("bkt", key, b"1")
@@ -305,8 +310,8 @@ def test_discard_of_a_folder_handoff(context, tmp_path, store):
 
 def test_discard_never_fails_the_electron(context, tmp_path, store, caplog):
     h = lot.handoff("s3://bkt/runs/{dispatch_id}/x.bin", staging_dir=str(tmp_path))
-    gone = memory(h._discard(), store)
-    denied = memory(h._discard(), store)
+    gone = removal(h, store)
+    denied = removal(h, store)
     denied.delete.strategy = f"{__name__}:DenyingStrategy"
     MemoryBackend({"fake_store": store}).add("bkt", "runs/d-5/x.bin", b"1")
     caplog.set_level(logging.INFO, logger="covalent_lot")
@@ -387,6 +392,6 @@ def test_discard_of_a_folder_handoff_with_a_path_without_slash(context, tmp_path
     h = lot.handoff("s3://bkt/shards/", str(tmp_path / "shards"))
     os.makedirs(tmp_path / "shards" / "n")
     MemoryBackend({"fake_store": store}).add("bkt", "shards/a", b"1")
-    assert memory(h._discard(), store)() == {"uri": "s3://bkt/shards/", "objects": 1,
+    assert removal(h, store)() == {"uri": "s3://bkt/shards/", "objects": 1,
                                              "local_path": str(tmp_path / "shards") + "/", "local": True}
     assert os.listdir(tmp_path) == []
