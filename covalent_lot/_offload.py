@@ -65,11 +65,10 @@ log = logging.getLogger("covalent_lot")
 DEFAULT_MIN_SIZE = 4 * 2**20
 COMPRESS_CHOICES = ("auto", True, False)
 ZSTD_SUFFIX = ".zst"
-ZSTD_LEVEL = 1  # measured: level 3 compresses random floats 2.5x slower for the same ratio
-# "auto" compresses when a sample shrinks to at most this fraction. zstd and unzstd
-# with their sha256 passes cost ~1 s per 175 MiB here, so a ratio r pays on links
-# slower than ~350 * (1 - r) MiB/s across machines (upload and download shrink);
-# at 0.5, ~175 MiB/s (bench/compression.py, bench/results/compression.md).
+ZSTD_LEVEL = 1  # higher levels cost far more time for about the same ratio on numeric data
+# "auto" compresses when a sample shrinks to at most this fraction: compression pays
+# only on links slower than what zstd and the extra sha256 passes cost, and the
+# smaller the ratio the faster the link it still pays on (docs/measurements.md).
 AUTO_RATIO = 0.5
 SAMPLE_BYTES = 256 * 1024
 SAMPLES = 4
