@@ -173,9 +173,11 @@ class Option:
             raise ValueError(f"option {name} from {origin} must be <= {shown}, got {value!r}")
         if self.multiple_of is not None and parsed is not None and parsed % self.multiple_of:
             lower = max(self.multiple_of, parsed - parsed % self.multiple_of)
+            unit = f"{self.multiple_of // 1024} KiB ({self.multiple_of:,} bytes)" \
+                if self.multiple_of % 1024 == 0 else f"{self.multiple_of:,} bytes"
             raise ValueError(
-                f"option {name} from {origin} must be a multiple of {self.multiple_of:,} bytes, "
-                f"got {parsed:,} bytes; e.g. {lower:,}"
+                f"option {name} from {origin} must be a multiple of {unit}, got {parsed:,} bytes; "
+                f"e.g. {lower:,}"
             )
         if self.choices is not None and parsed not in self.choices:
             raise ValueError(

@@ -12,7 +12,7 @@ from google.api_core import exceptions as gx
 from google.auth import exceptions as ax
 
 from covalent_lot._engine import Engine, TransferStats
-from covalent_lot._errors import TRANSIENT, ErrorKind, translate
+from covalent_lot._errors import TRANSIENT, ErrorKind, MissingBucket, translate
 from covalent_lot._retry import RetryPolicy
 from covalent_lot._uri import StoreURI
 
@@ -273,7 +273,7 @@ def test_retry_error_is_judged_by_its_cause(backend):
 
 
 def test_missing_bucket_marker(backend, gcs):
-    verdict = backend.classify(gcs._MissingBucket("gone-bucket"))
+    verdict = backend.classify(MissingBucket("gone-bucket"))
     assert verdict.kind is ErrorKind.NOT_FOUND
     assert "bucket 'gone-bucket' does not exist" in verdict.detail
     err = translate(verdict, action="read", target="gs://gone-bucket/k", endpoint=backend.endpoint)
