@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 # The seed scenario on local servers: SeaweedFS (S3) + a private Covalent server.
 demo: $(STAMP)
-	$(PY) integration/demo.py
+	$(PY) -m integration.demo
 
 # Unit tests (no network), then integration tests against real local servers.
 test: $(STAMP)
@@ -42,18 +42,18 @@ integration: $(STAMP)
 # Long soak: 8 concurrent seed dispatches x 64 MiB per backend, round after round
 # (make test runs 3 rounds per backend). MINUTES=30 for longer; writes soak.md/json/png.
 soak: $(STAMP)
-	$(PY) integration/soak.py --minutes $(or $(MINUTES),10) --size-mib 64 --concurrency 8
+	$(PY) -m integration.soak --minutes $(or $(MINUTES),10) --size-mib 64 --concurrency 8
 
 # Benchmark suite (speed and memory vs plain SDKs and Covalent's own strategies);
 # QUICK=1 runs the short version. Results in bench/results/.
 bench: $(STAMP)
-	$(PY) bench/suite.py $(if $(QUICK),--quick,)
-	$(PY) bench/remote.py $(if $(QUICK),--size-mib 64 --repeats 1,)
+	$(PY) -m bench.suite $(if $(QUICK),--quick,)
+	$(PY) -m bench.remote $(if $(QUICK),--size-mib 64 --repeats 1,)
 
 # The seed scenario across hosts through covalent-ssh-plugin (a second host in its
 # own mount namespace; needs root and openssh-server). Writes bench/results/remote.*.
 bench-remote: $(STAMP)
-	$(PY) bench/remote.py
+	$(PY) -m bench.remote
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -42,9 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-# Helper modules are loaded through _kits.load_sibling (conftest.py loads _kits),
-# so that there is one copy of _servers and its registry of live servers.
-_servers = sys.modules["lot_it__kits"].load_sibling("_servers")
+from integration import _servers
 
 LOOPBACK = _servers.LOOPBACK
 

@@ -66,9 +66,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 
-# Helper modules are loaded through _kits.load_sibling (by conftest.py, or by
-# bench/suite.py's loader), so that there is one copy of _servers.
-_servers = sys.modules["lot_it__kits"].load_sibling("_servers")
+from integration import _servers
 
 __all__ = [
     "MODES",

@@ -8,15 +8,11 @@ speaks a newer service version than Azurite 3.35 knows.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
-# Kit modules are loaded through _kits.load_sibling (conftest.py does), so _kits is
-# in sys.modules already, under the name it registers itself with.
-_kits = sys.modules["lot_it__kits"]
-_servers = _kits.load_sibling("_servers")
-StoreKit = _kits.StoreKit
+from integration import _servers
+from integration._kits import StoreKit
 
 ROOT = Path(__file__).resolve().parents[1]
 AZURITE_BIN = ROOT / ".tools" / "node_modules" / ".bin" / "azurite-blob"
@@ -116,16 +112,6 @@ class AzureKit(StoreKit):
 
         self.server = Azurite(workdir / "azurite").start()
         self.client = BlobServiceClient.from_connection_string(self.server.connection_string)
-
-    def stop(self) -> None:
-        try:
-            self.client.close()
-        finally:
-            self.server.stop()
-
-    @property
-    def endpoint(self) -> str:
-        return self.server.endpoint
 
     @property
     def env(self) -> dict[str, str | None]:

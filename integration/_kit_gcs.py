@@ -17,15 +17,11 @@ Quirks met (fake-gcs-server as shipped in wrapper 0.1.1):
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
-# Kit modules are loaded through _kits.load_sibling (conftest.py does), so _kits is
-# in sys.modules already, under the name it registers itself with.
-_kits = sys.modules["lot_it__kits"]
-_servers = _kits.load_sibling("_servers")
-StoreKit = _kits.StoreKit
+from integration import _servers
+from integration._kits import StoreKit
 
 PROJECT = "test"
 
@@ -98,16 +94,6 @@ class GCSKit(StoreKit):
             project=PROJECT, credentials=AnonymousCredentials(),
             client_options={"api_endpoint": self.server.endpoint},
         )
-
-    def stop(self) -> None:
-        client = getattr(self, "client", None)
-        if client is not None:
-            client.close()
-        self.server.stop()
-
-    @property
-    def endpoint(self) -> str:
-        return self.server.endpoint
 
     @property
     def env(self) -> dict[str, str | None]:

@@ -19,13 +19,11 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
-_kits = sys.modules["lot_it__kits"]
-_servers = _kits.load_sibling("_servers")
-StoreKit = _kits.StoreKit
+from integration import _servers
+from integration._kits import StoreKit
 
 SSHD_BIN = _servers.SSHD_BIN
 USER = "root"
@@ -97,11 +95,6 @@ class SSHD(_servers.ServerProcess):
                 return s.recv(4).startswith(b"SSH-")
         except OSError:
             return False
-
-    def restart_argv(self) -> list[str]:
-        """How the running sshd was started, for _servers.Outage: its process
-        title no longer shows it (sshd rewrites it)."""
-        return [SSHD_BIN, "-D", "-e", "-f", str(self.config)]
 
 
 class SFTPKit(StoreKit):

@@ -8,28 +8,56 @@ backends live in ``_kit_<name>.py`` and follow :class:`StoreKit` exactly.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
+import os
+import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
-# The kit modules (_kit_*.py, loaded by load_sibling) take this module from
-# sys.modules under the name the scheme below gives it, however it was imported.
-if __name__ in sys.modules:
-    sys.modules.setdefault("lot_it__kits", sys.modules[__name__])
+from integration import _servers
+
+# name -> (module of this package, kit class). A backend joins the contract suite
+# when its kit module is there; LOT_BACKENDS=s3,gcs narrows the run.
+KIT_CLASSES = {
+    "s3": ("_kits", "S3Kit"),
+    "gcs": ("_kit_gcs", "GCSKit"),
+    "azure": ("_kit_azure", "AzureKit"),
+    "sftp": ("_kit_sftp", "SFTPKit"),
+}
+
+# Programs a backend's server needs that `make install` cannot provide (no root).
+REQUIRED_TOOLS = {"sftp": ("sshd", "ssh-keygen")}
+_TOOL_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
 
 
-def load_sibling(name: str):
-    """Import ``integration/<name>.py`` by path (integration/ is not a package)."""
-    module_name = f"lot_it_{name}"  # the conftest loads _kits itself under this scheme
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+def kit_class(name: str) -> type:
+    """The kit class of backend ``name``; its module is imported only now, so a
+    run that leaves a backend out never imports that backend's SDK."""
+    module_name, class_name = KIT_CLASSES[name]
+    return getattr(importlib.import_module(f"{__package__}.{module_name}"), class_name)
+
+
+def selected_backends() -> list[str]:
+    """The backends LOT_BACKENDS names (default all) whose kit module and server
+    programs are here."""
+    wanted = [b for b in os.environ.get("LOT_BACKENDS", "").split(",") if b]
+    names = []
+    for name, (module, _) in KIT_CLASSES.items():
+        if wanted and name not in wanted:
+            continue
+        if not Path(__file__).with_name(f"{module}.py").exists():
+            continue
+        missing = [tool for tool in REQUIRED_TOOLS.get(name, ()) if not shutil.which(tool, path=_TOOL_PATH)]
+        if missing and not os.environ.get("CI"):
+            # A developer machine without the server: say so, run the rest. CI
+            # installs every server (.ci/run), so there a missing one fails loudly.
+            warnings.warn(f"{name} backend not tested: {', '.join(missing)} not installed "
+                          f"(.ci/run shows how to install it)")
+            continue
+        names.append(name)
+    return names
 
 
 class StoreKit:
@@ -45,7 +73,17 @@ class StoreKit:
         raise NotImplementedError
 
     def stop(self) -> None:
-        raise NotImplementedError
+        """Close the SDK client (when the kit has one), then stop the server."""
+        client = getattr(self, "client", None)
+        try:
+            if client is not None and hasattr(client, "close"):
+                client.close()
+        finally:
+            self.server.stop()
+
+    @property
+    def endpoint(self) -> str:
+        return self.server.endpoint
 
     @property
     def env(self) -> dict[str, str | None]:
@@ -100,8 +138,7 @@ class S3Kit(StoreKit):
     region = "us-east-1"
 
     def start(self, workdir: Path) -> None:
-        servers = load_sibling("_servers")
-        self.server = servers.SeaweedS3(workdir / "seaweed", self.access_key, self.secret_key).start()
+        self.server = _servers.SeaweedS3(workdir / "seaweed", self.access_key, self.secret_key).start()
         import boto3
 
         self.client = boto3.client(
@@ -109,13 +146,6 @@ class S3Kit(StoreKit):
             aws_secret_access_key=self.secret_key, region_name=self.region,
         )
         self._workdir = workdir
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    @property
-    def endpoint(self) -> str:
-        return self.server.endpoint
 
     @property
     def env(self) -> dict[str, str | None]:

@@ -20,7 +20,9 @@ SIDECAR = ".lot-sha256"  # SFTP keeps the checksum beside each file
 
 def wait(dispatch_id: str, dispatcher_addr: str | None = None):
     """The dispatch's Result once terminal (bounded)."""
-    return sys.modules["lot_it__kits"].load_sibling("_dask_cluster").wait_for(
+    from integration import _dask_cluster  # here, not at the top: electrons never need it
+
+    return _dask_cluster.wait_for(
         dispatch_id, dispatcher_addr=dispatcher_addr, timeout=TIMEOUT)
 
 

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -219,15 +220,12 @@ def xattrs_work(directory: os.PathLike | str) -> bool:
     """Whether files in ``directory`` take user xattrs (covalent-lot's same-host
     shortcut records verified files in one)."""
     os.makedirs(directory, exist_ok=True)
-    probe = os.path.join(directory, f".xattr-probe-{os.getpid()}-{threading.get_ident()}")
-    open(probe, "wb").close()
-    try:
-        os.setxattr(probe, "user.probe", b"1")
-        return True
-    except OSError:
-        return False
-    finally:
-        os.unlink(probe)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".xattr-probe-") as probe:
+        try:
+            os.setxattr(probe.fileno(), "user.probe", b"1")
+        except OSError:
+            return False
+    return True
 
 
 def dir_bytes(path: os.PathLike | str) -> int:
@@ -311,9 +309,13 @@ class ServerProcess:
     ``stop()`` takes the whole group down. A started server is in ``_LIVE``, so
     the atexit hook stops it should nobody else.
 
+    ``crash()`` and ``restart()`` take it down as a power loss would and bring
+    it back on the same command line (same ports, same data).
+
     Subclasses set the class attributes below and implement :meth:`_command`,
-    :meth:`_env` and :meth:`_ready`; :meth:`_prepare`, :meth:`_after_exit` and
-    :meth:`_spawn_failed` are optional hooks.
+    :meth:`_env` and :meth:`_ready`; :meth:`_prepare`, :meth:`_terminate`,
+    :meth:`_after_exit`, :meth:`_spawn_failed` and :meth:`_log_tail` are
+    optional hooks.
     """
 
     _name = "server"  # in error messages
@@ -330,6 +332,9 @@ class ServerProcess:
         self._proc: Optional[subprocess.Popen] = None
         self._log = None
         self.start_seconds: Optional[float] = None
+        # The command line of the last start: restart() runs it again rather than
+        # _command(), which picks fresh ports (and for SeaweedFS wipes the data dir).
+        self.argv: list[str] = []
 
     # -- hooks
 
@@ -350,8 +355,16 @@ class ServerProcess:
     def _spawn_failed(self, exc: OSError) -> None:
         """The command could not be run; raise something clearer to replace ``exc``."""
 
+    def _terminate(self) -> None:
+        """Take the running server down, bounded (stop() then reaps and forgets it)."""
+        _kill_group(self._proc.pid, term_timeout=self.stop_timeout)
+
     def _after_exit(self) -> None:
         """Cleanup once the process group is gone (stop() calls it every time)."""
+
+    def _log_tail(self) -> str:
+        """What error messages show of the server's output."""
+        return _tail(self.log_path)
 
     # -- public surface
 
@@ -373,16 +386,61 @@ class ServerProcess:
                 continue
             self.start_seconds = time.monotonic() - t0
             return self
-        raise RuntimeError(self._clash_error + _tail(self.log_path))
+        raise RuntimeError(self._clash_error + self._log_tail())
 
     def stop(self) -> None:
         # Forget the process only once it is gone, so that the atexit hook can
         # still try again if this is interrupted half-way.
         proc = self._proc
         if proc is not None:
-            _kill_group(proc.pid, term_timeout=self.stop_timeout)
-            _reap(proc)
+            try:
+                self._terminate()
+            finally:
+                _reap(proc)
         self._forget()
+
+    def crash(self, timeout: float = 10.0) -> None:
+        """SIGKILL the server's process group and every descendant that left it
+        (sshd forks each connection into a session of its own), as a power loss
+        would: nothing is flushed or closed cleanly, clients see their
+        connections reset."""
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            victims = [psutil.Process(proc.pid)]
+            victims += victims[0].children(recursive=True)
+        except psutil.Error:
+            victims = []
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for victim in victims:
+            try:
+                victim.kill()
+            except psutil.Error:
+                pass
+        _reap(proc, timeout)
+        _gone, alive = psutil.wait_procs(victims, timeout=timeout)
+        if alive:
+            raise RuntimeError(f"{self._name} processes survived SIGKILL: {[p.pid for p in alive]}")
+        self._forget()
+
+    def restart(self, argv: Optional[list[str]] = None) -> float:
+        """Run ``argv`` (default: the last start's command line) again, in the same
+        directory and environment, after a crash() or stop(); return the seconds
+        until it serves. A client holding the old address finds the same server
+        with whatever data it had made durable."""
+        if self._proc is not None:
+            raise RuntimeError(f"{self._name} is still running: crash() or stop() it first")
+        t0 = time.monotonic()
+        try:
+            self._launch(list(argv or self.argv))
+        except _PortClash:
+            raise RuntimeError(f"{self._name} could not bind its old ports again; log tail:\n"
+                               + self._log_tail()) from None
+        return time.monotonic() - t0
 
     def _forget(self) -> None:
         """Once the process is gone: close its log, clean up, stop tracking it."""
@@ -402,7 +460,11 @@ class ServerProcess:
     # -- internals
 
     def _start_once(self) -> None:
-        args = self._command()
+        self._launch(self._command())
+
+    def _launch(self, args: list[str]) -> None:
+        """Run ``args`` and wait until it serves; stopped again if it does not."""
+        self.argv = args
         self._log = open(self.log_path, "ab")
         try:
             self._proc = _spawn(args, self.workdir, self._env(), self._log)
@@ -427,12 +489,13 @@ class ServerProcess:
                 log = _tail(self.log_path)
                 if any(marker in log for marker in self._clash_markers):
                     raise _PortClash()
-                raise RuntimeError(f"{self._name} exited with {rc} while starting; log tail:\n{log}")
+                raise RuntimeError(f"{self._name} exited with {rc} while starting; log tail:\n"
+                                   + self._log_tail())
             if self._ready():
                 return
             time.sleep(self._poll_interval)
         raise RuntimeError(
-            f"{self._name} not ready after {self.start_timeout:.1f}s; log tail:\n{_tail(self.log_path)}"
+            f"{self._name} not ready after {self.start_timeout:.1f}s; log tail:\n{self._log_tail()}"
         )
 
 
@@ -607,8 +670,12 @@ def covalent_client_env(workdir: os.PathLike | str, port: int) -> dict:
     }
 
 
-class CovalentServer:
+class CovalentServer(ServerProcess):
     """A private ``covalent start`` (uvicorn + local dask cluster) on loopback.
+
+    ``covalent start`` returns once the server it launched answers; the server
+    stays in the CLI's process group, so the group is what stop() and crash()
+    take down. ``pgid`` is that group.
 
     ``env`` holds what a client needs (see :func:`covalent_client_env`);
     ``server_env`` is the full environment of the server, which its dask worker
@@ -626,6 +693,9 @@ class CovalentServer:
     * ``tmp_dir``: the server's TMPDIR (a sqlite dispatcher cache lives there).
     """
 
+    _name = "covalent"
+    _clash_error = "covalent kept moving off its port 3 times\n"
+
     def __init__(
         self,
         workdir: os.PathLike | str,
@@ -635,16 +705,19 @@ class CovalentServer:
         start_timeout: float = 120.0,
         stop_timeout: float = 60.0,
     ) -> None:
-        self.workdir = Path(workdir).resolve()
+        super().__init__(workdir, "covalent-cli.log", start_timeout)
         self.env_extra = dict(env_extra or {})
         self.port = port if port is not None else free_port(avoid_offsets=())
         self.workers = workers
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
-        self.start_log_path = self.workdir / "covalent-cli.log"
-        self._pgid: Optional[int] = None
-        self._cli_proc: Optional[subprocess.Popen] = None
-        self.start_seconds: Optional[float] = None
+        self.stop_timeout = stop_timeout  # for `covalent stop`, before the group is killed
+        self._port_moved = False
+        self.config_file = self.workdir / "config" / "covalent.conf"
+        self.results_dir = self.workdir / "results"
+        self.dispatch_cache_dir = self.workdir / "dispatches"
+        self.executor_cache_dir = self.workdir / "xdg-cache" / "covalent"
+        self.tmp_dir = self.workdir / "tmp"
+        self.home_dir = self.workdir / "home"
+        self.server_log_path = self.workdir / "logs" / "covalent_ui.log"
 
     # -- paths
 
@@ -655,39 +728,7 @@ class CovalentServer:
     @property
     def pgid(self) -> Optional[int]:
         """Process group of the running server (its dask scheduler and workers too)."""
-        return self._pgid
-
-    @property
-    def config_file(self) -> Path:
-        return self.workdir / "config" / "covalent.conf"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.workdir / "data"
-
-    @property
-    def results_dir(self) -> Path:
-        return self.workdir / "results"
-
-    @property
-    def dispatch_cache_dir(self) -> Path:
-        return self.workdir / "dispatches"
-
-    @property
-    def executor_cache_dir(self) -> Path:
-        return self.workdir / "xdg-cache" / "covalent"
-
-    @property
-    def tmp_dir(self) -> Path:
-        return self.workdir / "tmp"
-
-    @property
-    def home_dir(self) -> Path:
-        return self.workdir / "home"
-
-    @property
-    def server_log_path(self) -> Path:
-        return self.workdir / "logs" / "covalent_ui.log"
+        return self.pid
 
     @property
     def url(self) -> str:
@@ -710,11 +751,9 @@ class CovalentServer:
                 env[key] = str(value)
         return env
 
-    # -- lifecycle
+    # -- hooks
 
-    def start(self) -> "CovalentServer":
-        if self._pgid is not None:
-            raise RuntimeError("CovalentServer already started")
+    def _prepare(self) -> None:
         # covalent writes its pid file into the cache dir without creating it
         # (FileNotFoundError after the server was already launched), so every
         # directory must exist first.
@@ -734,58 +773,43 @@ class CovalentServer:
         for d in (self.home_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
 
-        t0 = time.monotonic()
-        for _attempt in range(3):
-            if not _can_bind(self.port):
-                self.port = free_port(avoid_offsets=())
-            requested = self.port
-            self._start_once()
-            if self.port == requested:
-                self.start_seconds = time.monotonic() - t0
-                return self
+    def _command(self) -> list[str]:
+        if self._port_moved or not _can_bind(self.port):
+            self.port = free_port(avoid_offsets=())
+        self._port_moved = False
+        return [_bin("covalent"), "start", "-p", str(self.port), "-n", str(self.workers)]
+
+    def _env(self) -> dict:
+        return self.server_env
+
+    def _ready(self) -> bool:
+        return _http_status(self.url + "/", timeout=5.0) is not None
+
+    def _wait_ready(self) -> None:
+        # `covalent start` polls the server until it answers (or gives up) and
+        # returns; the server itself stays in the CLI's process group.
+        requested = self.port
+        try:
+            rc = self._proc.wait(timeout=self.start_timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(
+                f"`covalent start` did not return within {self.start_timeout:.1f}s\n{self._log_tail()}"
+            ) from None
+        # The CLI exits 0 even when it printed a traceback, so judge by the
+        # server itself: the port it actually got and an HTTP answer there.
+        self.port = self._port_from_config()
+        if rc != 0 or not self._ready():
+            raise RuntimeError(f"`covalent start` exited {rc} and {self.url} does not answer\n"
+                               + self._log_tail())
+        if self.port != requested:
             # `covalent start` silently moved to the next free port (ours was
             # taken meanwhile) but the server builds its asset-upload URLs from
             # the port it read at import, the one requested: dispatches would
             # then upload to whoever holds that port and hang. Start afresh.
-            self.stop()
-            self.port = free_port(avoid_offsets=())
-        raise RuntimeError(f"covalent kept moving off its port 3 times\n{self._logs_tail()}")
+            self._port_moved = True
+            raise _PortClash()
 
-    def _start_once(self) -> None:
-        cmd = [_bin("covalent"), "start", "-p", str(self.port), "-n", str(self.workers)]
-        with open(self.start_log_path, "ab") as log:
-            # `covalent start` polls the server forever and the server inherits the
-            # CLI's process group: a new session makes the group ours to kill.
-            proc = _spawn(cmd, self.workdir, self.server_env, log)
-        self._pgid = proc.pid
-        self._cli_proc = proc
-        _LIVE.add(self)
-        _convert_sigterm()
-        try:
-            try:
-                rc = proc.wait(timeout=self.start_timeout)
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(
-                    f"`covalent start` did not return within {self.start_timeout:.1f}s"
-                ) from None
-            # The CLI exits 0 even when it printed a traceback, so judge by the
-            # server itself: the port it actually got and an HTTP answer there.
-            self.port = self._port_from_config()
-            if rc != 0 or _http_status(self.url + "/", timeout=5.0) is None:
-                raise RuntimeError(f"`covalent start` exited {rc} and {self.url} does not answer")
-        except BaseException as exc:
-            self._kill()
-            # A stale pid file would make the next `covalent start` believe a
-            # server is running should the pid be reused.
-            (self.workdir / "cache" / "ui.pid").unlink(missing_ok=True)
-            if isinstance(exc, RuntimeError):
-                raise RuntimeError(f"{exc}\n{self._logs_tail()}") from None
-            raise
-
-    def stop(self) -> None:
-        if self._pgid is None:
-            _LIVE.discard(self)
-            return
+    def _terminate(self) -> None:
         try:
             # `covalent stop` waits on uvicorn without a limit: bound it, in its
             # own group so a hang can be killed without touching ours.
@@ -804,23 +828,21 @@ class CovalentServer:
                 _kill_group(proc.pid, term_timeout=2.0)
                 _reap(proc)
         finally:
-            self._kill()
+            # Whatever `covalent stop` left of the server's group (dask workers...).
+            _kill_group(self._proc.pid)
 
-    def __enter__(self) -> "CovalentServer":
-        return self.start()
+    def _after_exit(self) -> None:
+        # A stale pid file would make the next `covalent start` believe a
+        # server is running should the pid be reused.
+        (self.workdir / "cache" / "ui.pid").unlink(missing_ok=True)
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def _log_tail(self) -> str:
+        return (
+            f"--- {self.log_path} ---\n{_tail(self.log_path)}\n"
+            f"--- {self.server_log_path} ---\n{_tail(self.server_log_path)}"
+        )
 
     # -- internals
-
-    def _kill(self) -> None:
-        """Whatever `covalent stop` left of the server's group (dask workers...)."""
-        if self._pgid is not None:
-            _kill_group(self._pgid)
-        _reap(self._cli_proc)
-        self._pgid = self._cli_proc = None
-        _LIVE.discard(self)
 
     def _port_from_config(self) -> int:
         try:
@@ -829,12 +851,6 @@ class CovalentServer:
         except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError):
             return self.port
 
-    def _logs_tail(self) -> str:
-        return (
-            f"--- {self.start_log_path} ---\n{_tail(self.start_log_path)}\n"
-            f"--- {self.server_log_path} ---\n{_tail(self.server_log_path)}"
-        )
-
 
 # ------------------------------------------------------------ crash and restart
 
@@ -842,65 +858,21 @@ class CovalentServer:
 class Outage:
     """Crash a started :class:`ServerProcess` and bring it back as it was.
 
-    ``crash()`` SIGKILLs the server's process group and every descendant that
-    left it (sshd forks each connection into a session of its own), as a power
-    loss would: nothing is flushed or closed cleanly, clients see their
-    connections reset. ``revive()`` runs the very same command line again (same
-    ports, same data dir, same environment), so a client holding the old
-    address finds the same server with whatever data it had made durable.
+    The command line is taken when the outage is set up, so ``revive()`` runs
+    the very same one (same ports, same data dir, same environment) after a
+    ``crash()`` or a clean stop alike. See :meth:`ServerProcess.crash` and
+    :meth:`ServerProcess.restart`.
     """
 
     def __init__(self, server: ServerProcess) -> None:
         if server.pid is None:
-            raise RuntimeError(f"{server._name} is not running: nothing to crash")
+            raise RuntimeError(f"{type(server).__name__} is not running: nothing to crash")
         self.server = server
-        # The running argv rather than _command(), which picks fresh ports (and
-        # for SeaweedFS wipes the data dir). A server that rewrites its process
-        # title (sshd) says itself how it was started.
-        restart_argv = getattr(server, "restart_argv", None)
-        self.argv = restart_argv() if restart_argv else psutil.Process(server.pid).cmdline()
+        self.argv = list(server.argv)
 
     def crash(self, timeout: float = 10.0) -> None:
-        server = self.server
-        proc = server._proc
-        if proc is None:
-            return
-        try:
-            victims = [psutil.Process(proc.pid)]
-            victims += victims[0].children(recursive=True)
-        except psutil.Error:
-            victims = []
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for victim in victims:
-            try:
-                victim.kill()
-            except psutil.Error:
-                pass
-        _reap(proc, timeout)
-        _gone, alive = psutil.wait_procs(victims, timeout=timeout)
-        if alive:
-            raise RuntimeError(f"{server._name} processes survived SIGKILL: {[p.pid for p in alive]}")
-        server._forget()
+        self.server.crash(timeout)
 
     def revive(self) -> float:
         """Run the same command again; return the seconds until it serves."""
-        server = self.server
-        if server._proc is not None:
-            raise RuntimeError(f"{server._name} is still running: crash() it first")
-        t0 = time.monotonic()
-        server._log = open(server.log_path, "ab")
-        server._proc = _spawn(self.argv, server.workdir, server._env(), server._log)
-        _LIVE.add(server)
-        try:
-            server._wait_ready()
-        except _PortClash:
-            server.stop()
-            raise RuntimeError(f"{server._name} could not bind its old ports again; log tail:\n"
-                               + _tail(server.log_path)) from None
-        except BaseException:
-            server.stop()
-            raise
-        return time.monotonic() - t0
+        return self.server.restart(self.argv)

@@ -42,15 +42,13 @@ import shlex
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 
-# Loaded through _kits.load_sibling (conftest.py loads _kits): one copy of _servers.
-_servers = sys.modules["lot_it__kits"].load_sibling("_servers")
+from integration import _servers
 
 __all__ = ["REQUIRED_PROGRAMS", "missing_programs", "SlurmCluster"]
 

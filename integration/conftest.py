@@ -13,7 +13,6 @@ variables, so client and server share one config file.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -23,29 +22,22 @@ from pathlib import Path
 
 import pytest  # does not import covalent
 
+from integration import _kits, _servers
 
-def _load_kits():
-    # Load _kits.py by path: works whether integration/ is a package or not and
-    # under any pytest import mode, without touching sys.path. Every helper module
-    # is then loaded through _kits.load_sibling, so there is one copy of each.
-    name = "lot_it__kits"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_kits.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_kits = _load_kits()
-_servers = _kits.load_sibling("_servers")
-
-# ---- process-wide environment, set before covalent can be imported ------------
+# ---- covalent's own settings, process-wide, set before covalent can be imported --
+#
+# covalent reads COVALENT_* once per process, when it is imported, and test
+# modules here import it while they are collected: these cannot wait for a
+# fixture. They only say where covalent keeps its (temporary) state. Everything
+# else the harness sets (staging dir, credentials, COVALENT_LOT_* options) is in
+# os.environ only while an integration module runs: see ``_harness_env``.
 
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="lot-it-"))
 COVALENT_DIR = SESSION_DIR / "covalent"
 COVALENT_PORT = _servers.free_port(avoid_offsets=())
+# Handoff files (the default staging dir) go below the session dir, removed at the
+# end, not into <tempdir>/covalent-lot where every run would leave its arrays.
+STAGING_DIR = SESSION_DIR / "staging"
 
 if "covalent" in sys.modules:
     # Too late for this process: it keeps the config it loaded (likely in ~).
@@ -58,45 +50,8 @@ for _var in [v for v in os.environ if _servers.is_covalent_core_var(v)]:
     # make the client disagree with the private server. COVALENT_LOT_* stay.
     del os.environ[_var]
 os.environ.update(_servers.covalent_client_env(COVALENT_DIR, COVALENT_PORT))
-# Handoff files (the default staging dir) go below the session dir, removed at the
-# end, not into <tempdir>/covalent-lot where every run would leave its arrays.
-os.environ["COVALENT_LOT_STAGING_DIR"] = str(SESSION_DIR / "staging")
 
-# name -> (module file, kit class). A backend joins the contract suite when its
-# kit module is there; LOT_BACKENDS=s3,gcs narrows the run.
-KIT_CLASSES = {
-    "s3": ("_kits", "S3Kit"),
-    "gcs": ("_kit_gcs", "GCSKit"),
-    "azure": ("_kit_azure", "AzureKit"),
-    "sftp": ("_kit_sftp", "SFTPKit"),
-}
-
-
-# Programs a backend's server needs that `make install` cannot provide (no root).
-REQUIRED_TOOLS = {"sftp": ("sshd", "ssh-keygen")}
-_TOOL_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
-
-
-def _selected_backends() -> list[str]:
-    wanted = [b for b in os.environ.get("LOT_BACKENDS", "").split(",") if b]
-    names = []
-    for name, (module, _) in KIT_CLASSES.items():
-        if wanted and name not in wanted:
-            continue
-        if not Path(__file__).with_name(f"{module}.py").exists():
-            continue
-        missing = [tool for tool in REQUIRED_TOOLS.get(name, ()) if not shutil.which(tool, path=_TOOL_PATH)]
-        if missing and not os.environ.get("CI"):
-            # A developer machine without the server: say so, run the rest. CI
-            # installs every server (.ci/run), so there a missing one fails loudly.
-            warnings.warn(f"{name} backend not tested: {', '.join(missing)} not installed "
-                          f"(.ci/run shows how to install it)")
-            continue
-        names.append(name)
-    return names
-
-
-BACKENDS = _selected_backends()
+BACKENDS = _kits.selected_backends()
 _NEEDED: set[str] = set()  # backends the selected tests use (after -k/-m deselection)
 
 
@@ -116,24 +71,43 @@ def lot_session_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def kits(lot_session_dir):
-    """The servers of the backends the selected tests use, started once; their
-    env set in this process (so `pytest -k gcs` starts only fake-gcs-server)."""
+    """The servers of the backends the selected tests use, started once (so
+    `pytest -k gcs` starts only fake-gcs-server). Their env is not set here:
+    ``_harness_env`` sets it for each integration module."""
     started = {}
-    saved = {}
     try:
         for name in [b for b in BACKENDS if b in _NEEDED]:
-            module_name, class_name = KIT_CLASSES[name]
-            module = _kits.load_sibling(module_name)
-            kit = getattr(module, class_name)()
+            kit = _kits.kit_class(name)()
             kit.start(lot_session_dir / name)
             started[name] = kit
-            for key, value in _servers.apply_env(kit.env).items():
-                saved.setdefault(key, value)
         yield started
     finally:
-        _servers.apply_env(saved)
         for kit in started.values():
             kit.stop()
+
+
+def harness_env(kits: dict) -> dict:
+    """What this process's environment holds while an integration test runs: the
+    session's staging dir, then every started kit's credentials and options."""
+    env = {"COVALENT_LOT_STAGING_DIR": str(STAGING_DIR)}
+    for kit in kits.values():
+        env.update(kit.env)
+    return env
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _harness_env(kits):
+    """The harness's variables in os.environ for one integration module, then
+    the environment as it was: a unit test sharing the session never sees them.
+    Module scope, so that module-scoped fixtures (which build strategies with
+    no arguments) find them too."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in harness_env(kits).items():
+            if value is None:
+                patch.delenv(key, raising=False)
+            else:
+                patch.setenv(key, str(value))
+        yield
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
@@ -160,10 +134,7 @@ def covalent_server(kits, lot_session_dir):
     Its environment carries every backend's credentials (by reference) and
     endpoint, so electrons running on its workers reach the local servers.
     """
-    env_extra = {}
-    for kit in kits.values():
-        env_extra.update(kit.env)
-    server = _servers.CovalentServer(COVALENT_DIR, env_extra=env_extra, port=COVALENT_PORT)
+    server = _servers.CovalentServer(COVALENT_DIR, env_extra=harness_env(kits), port=COVALENT_PORT)
     server.start()
     try:
         _sync_client_config(server)
@@ -179,7 +150,8 @@ def host2(kits, covalent_server):
     covalent.conf ``[lot.*]``, credentials files and staging dir, configured from
     the started storage kits; reached through covalent-ssh-plugin via a Host entry
     in the Covalent server's ~/.ssh/config. See _host2.py."""
-    _host2 = _kits.load_sibling("_host2")
+    from integration import _host2
+
     if not os.path.exists(_host2.SSHD_BIN) or os.geteuid() != 0:
         if os.environ.get("CI"):
             raise RuntimeError("the second host needs root and openssh-server (.ci/run installs it)")
@@ -200,20 +172,15 @@ def host2(kits, covalent_server):
         host.stop()
 
 
-def _kits_env(kits) -> dict:
-    env: dict = {}
-    for kit in kits.values():
-        env.update(kit.env)
-    return env
-
-
 @pytest.fixture(scope="session")
 def dask_cluster(kits, lot_session_dir):
     """A real Dask cluster: ``dask scheduler`` + two ``dask worker`` processes, each
     worker with its own HOME and staging dir, the storage kits' environment in
     theirs. See _dask_cluster.py."""
-    cluster = _kits.load_sibling("_dask_cluster").DaskCluster(
-        lot_session_dir / "dask-cluster", workers=2, base_env=_kits_env(kits))
+    from integration import _dask_cluster
+
+    cluster = _dask_cluster.DaskCluster(lot_session_dir / "dask-cluster", workers=2,
+                                        base_env=harness_env(kits))
     cluster.start()
     report(f"dask cluster: scheduler + 2 workers up in {cluster.start_seconds:.1f}s")
     try:
@@ -227,8 +194,9 @@ def legacy_server(kits, lot_session_dir):
     """A second private Covalent server started with COVALENT_USE_OLD_DASK=1: its
     DaskExecutor takes the legacy path (wrapper_fn, no ct.get_context()). Reached
     with dispatcher_addr=legacy_server.url; no dask cluster of its own."""
-    server = _kits.load_sibling("_dask_cluster").legacy_server(
-        lot_session_dir / "legacy-covalent", env_extra=_kits_env(kits))
+    from integration import _dask_cluster
+
+    server = _dask_cluster.legacy_server(lot_session_dir / "legacy-covalent", env_extra=harness_env(kits))
     server.start()
     try:
         yield server

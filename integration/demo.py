@@ -8,13 +8,12 @@ covalent-lot (as a handoff, and with @lot.offload), then the same workflow passi
 the array by value, prints them
 with the transfer stats, and stops the servers. No cloud account, no manual step.
 
-    python integration/demo.py [--mib 256] [--keep]
+    python -m integration.demo [--mib 256] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import shutil
@@ -24,16 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
-
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("lot_servers", HERE / "_servers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lot_servers"] = module
-    spec.loader.exec_module(module)
-    return module
-
+from integration import _servers as harness
 
 class PeakRSS:
     """Samples the resident memory of the server's process tree and of this process."""
@@ -84,7 +74,6 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
     args = parser.parse_args()
 
-    harness = _load_harness()
     work = Path(tempfile.mkdtemp(prefix="lot-demo-"))
     port = harness.free_port(avoid_offsets=())
     # Point covalent at a private config before anything imports it.

@@ -28,7 +28,7 @@ hold objects in memory and give it back lazily (fake-gcs-server, in Go, went
 190 -> 540 -> 190 and once 214 -> 789 MiB over a few 8 x 64 MiB rounds), which
 says nothing about covalent-lot.
 
-    python integration/soak.py [--minutes 10] [--backends s3,gcs,azure,sftp]
+    python -m integration.soak [--minutes 10] [--backends s3,gcs,azure,sftp]
         [--size-mib 64] [--concurrency 8] [--out DIR]
 
 Writes ``soak.md`` (the table), ``soak.json`` and, when matplotlib imports,
@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -53,7 +52,8 @@ from typing import Any, Optional
 
 import cloudpickle
 
-HERE = Path(__file__).resolve().parent
+from integration import _kits, _servers
+
 MiB = 1024 * 1024
 KEY = "soak/{dispatch_id}/blob.bin"
 ROUND_TIMEOUT = 300.0  # s for a round's dispatches, all together (measured 10-65 s, loaded)
@@ -63,17 +63,6 @@ _TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "POSTPROCESSING_FAILED"}
 
 # Dask workers cannot import this module: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def _load(name: str):
-    """integration/<name>.py under the module name the harness uses (lot_it_<name>)."""
-    module_name = f"lot_it_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, HERE / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
 
 
 # ----------------------------------------------------------------------- workflow
@@ -231,9 +220,8 @@ def _clean_up(kit, bucket: str, dispatch_ids: list[str]) -> None:
 
 def _group_rss(pgid: Optional[int]) -> dict[str, float]:
     """RSS MiB by "<pid> <name>" of the live members of process group ``pgid``."""
-    servers = _load("_servers")
     rss = {}
-    for proc in servers._group_members(pgid) if pgid else []:
+    for proc in _servers._group_members(pgid) if pgid else []:
         try:
             rss[f"{proc.pid} {proc.name()}"] = round(proc.memory_info().rss / MiB, 1)
         except Exception:  # noqa: BLE001 - the process ended between listing and reading
@@ -258,7 +246,7 @@ def sample(round_no: int, done: Round, kit, covalent_server, disk_root: Path) ->
         "storage_mib": round(sum(storage.values()), 1),
         "storage_procs": len(storage),
         "client_mib": round(psutil.Process().memory_info().rss / MiB, 1),
-        "disk_mib": round(_load("_servers").dir_bytes(disk_root) / MiB, 1),
+        "disk_mib": round(_servers.dir_bytes(disk_root) / MiB, 1),
         "covalent_by_process_mib": covalent,  # JSON only: which process grows
     }
 
@@ -349,20 +337,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.backends:
         os.environ["LOT_BACKENDS"] = args.backends
     # The integration conftest, imported before covalent, points this process at a
-    # private covalent config and staging dir below its session dir.
-    conftest = _load("conftest")
+    # private covalent config below its session dir.
+    from integration import conftest
+
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="lot-soak-"))
     kits: dict = {}
     server = None
     try:
         for name in conftest.BACKENDS:
-            module_name, class_name = conftest.KIT_CLASSES[name]
-            kits[name] = getattr(_load(module_name), class_name)()
+            kits[name] = _kits.kit_class(name)()
             kits[name].start(conftest.SESSION_DIR / name)
-            _load("_servers").apply_env(kits[name].env)
-        env_extra = {k: v for kit in kits.values() for k, v in kit.env.items()}
-        server = _load("_servers").CovalentServer(conftest.COVALENT_DIR, env_extra=env_extra,
-                                                   port=conftest.COVALENT_PORT).start()
+        # The whole run is the soak: its environment is this process's for good.
+        env = conftest.harness_env(kits)
+        _servers.apply_env(env)
+        server = _servers.CovalentServer(conftest.COVALENT_DIR, env_extra=env,
+                                         port=conftest.COVALENT_PORT).start()
         conftest._sync_client_config(server)
         print(f"soak: {', '.join(kits)}; {args.concurrency} x {args.size_mib} MiB dispatches per round, "
               f"{args.minutes:g} min; Covalent at {server.url}", flush=True)

@@ -33,7 +33,7 @@ import pytest
 from covalent_lot import _stream
 from covalent_lot._stream import CHECKSUM_KEY, TEMP_MARK
 
-_servers = sys.modules["lot_it__kits"].load_sibling("_servers")  # loaded by conftest.py
+from integration import _servers
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB

@@ -20,7 +20,7 @@ import pytest
 
 import covalent as ct
 
-_dc = sys.modules["lot_it__kits"].load_sibling("_dask_cluster")  # conftest.py loaded _kits
+from integration import _dask_cluster as _dc
 
 # Workers cannot import this test module: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

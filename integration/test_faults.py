@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import pytest
 
 from covalent_lot._stream import TEMP_MARK
 
-fp = sys.modules["lot_it__kits"].load_sibling("_faultproxy")  # conftest.py loaded _kits
+from integration import _faultproxy as fp
 
 MiB = 1024 * 1024
 SIDECAR = ".lot-sha256"

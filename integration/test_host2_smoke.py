@@ -16,7 +16,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-_kits = sys.modules["lot_it__kits"]  # loaded by conftest.py
+from integration import _dask_cluster
 
 # The server and the second host cannot import this test module: ship its
 # functions by value.
@@ -34,7 +34,7 @@ def server(host2, covalent_server, lot_session_dir):
 
 
 def wait_result(dispatch_id: str, timeout: float = TIMEOUT):
-    return _kits.load_sibling("_dask_cluster").wait_for(dispatch_id, timeout=timeout)
+    return _dask_cluster.wait_for(dispatch_id, timeout=timeout)
 
 
 def node_text(result, node_id: int) -> str:

@@ -32,9 +32,7 @@ import covalent_lot as lot
 # its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-_kits = sys.modules["lot_it__kits"]
-_servers = _kits.load_sibling("_servers")
-_remote = _kits.load_sibling("_remote")
+from integration import _remote, _servers
 
 MiB = 1024 * 1024
 TIMEOUT = 300.0  # one dispatch, start to finish

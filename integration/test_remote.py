@@ -32,10 +32,8 @@ import covalent_lot as lot
 # functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-_kits = sys.modules["lot_it__kits"]
-_dask = _kits.load_sibling("_dask_cluster")
-_servers = _kits.load_sibling("_servers")
-_remote = _kits.load_sibling("_remote")
+from integration import _dask_cluster as _dask
+from integration import _remote, _servers
 
 MiB = 1024 * 1024
 TIMEOUT = _remote.TIMEOUT

@@ -47,8 +47,7 @@ import covalent_lot as lot
 # Workers cannot import this test module: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-_kits = sys.modules["lot_it__kits"]
-_servers = _kits.load_sibling("_servers")
+from integration import _servers
 
 MiB = 1024 * 1024
 TIMEOUT = 300
@@ -333,7 +332,9 @@ def _azure(kit, env: dict, conf: dict, secrets: dict, wrong_env: dict, wrong_sec
 
 
 def _azure_kit():
-    return _kits.load_sibling("_kit_azure")
+    from integration import _kit_azure
+
+    return _kit_azure
 
 
 def wrong_azure_key() -> str:

@@ -73,7 +73,7 @@ def test_missing_key_file_is_refused(kit, bucket, source, tmp_path, monkeypatch)
 
 
 def test_connection_refused(kit, source, tmp_path):
-    import lot_it__servers as servers  # loaded by the conftest
+    from integration import _servers as servers
 
     port = servers.free_port(avoid_offsets=())
     strategy = kit.strategy(max_attempts=1)

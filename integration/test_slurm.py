@@ -34,9 +34,7 @@ import covalent_lot as lot
 # functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-_kits = sys.modules["lot_it__kits"]
-_remote = _kits.load_sibling("_remote")
-_slurm = _kits.load_sibling("_slurm")
+from integration import _remote, _slurm
 
 MiB = 1024 * 1024
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import lot_it__kits as _kits  # loaded by the conftest
-
-soak = _kits.load_sibling("soak")
+from integration import soak
 
 ROUNDS = int(os.environ.get("LOT_SOAK_ROUNDS", "3"))  # ~2.5 min for the 4 backends here
 CONCURRENCY = 8

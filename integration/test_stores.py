@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import tomllib
 
 import pytest
@@ -52,7 +51,7 @@ pytestmark = [
     pytest.mark.parametrize("kit", ["s3"], indirect=True),
 ]
 
-_kits = sys.modules["lot_it__kits"]
+from integration import _kits
 MiB = 1024 * 1024
 
 

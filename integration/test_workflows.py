@@ -14,7 +14,7 @@ import covalent as ct
 import covalent_lot
 from covalent_lot._stream import sha256_file
 
-_servers = sys.modules["lot_it__kits"].load_sibling("_servers")
+from integration import _servers
 
 # Workers cannot import this test module: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

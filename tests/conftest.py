@@ -67,6 +67,30 @@ import pytest  # noqa: E402
 
 UNIT_HOME = _HOME
 
+# Variables that change what a strategy resolves or which credentials an SDK
+# finds. Other suites sharing the session (integration/) set them for their own
+# tests; here each test starts from what _isolate_options left.
+_OPTION_PREFIXES = ("COVALENT_LOT_", "AWS_", "AZURE_", "GOOGLE_", "GCLOUD_", "CLOUDSDK_", "GCE_")
+_OPTION_NAMES = ("STORAGE_EMULATOR_HOST", "API_ENDPOINT_OVERRIDE")
+
+
+def _is_option(name: str) -> bool:
+    return name.startswith(_OPTION_PREFIXES) or name in _OPTION_NAMES
+
+
+_UNIT_OPTIONS = {name: value for name, value in os.environ.items() if _is_option(name)}
+
+
+@pytest.fixture(autouse=True)
+def _unit_options(monkeypatch):
+    """The options and credentials environment of a unit test: exactly the one
+    this module set up at import, whatever ran before in the session."""
+    for name in [n for n in os.environ if _is_option(n) and n not in _UNIT_OPTIONS]:
+        monkeypatch.delenv(name)
+    for name, value in _UNIT_OPTIONS.items():
+        if os.environ.get(name) != value:
+            monkeypatch.setenv(name, value)
+
 
 def pytest_unconfigure(config):
     shutil.rmtree(_HOME, ignore_errors=True)
