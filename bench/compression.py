@@ -57,17 +57,19 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+if __package__ in (None, ""):
+    # Run as a file (python bench/x.py, or a child run of one) rather than with -m:
+    # the repository root makes the packages bench and integration importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import e2e, report, throughput  # noqa: E402  (SeaweedFS warm-up, machine facts, child runner)
+from bench.common import start_kits, stop_kit, write_report  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-import e2e  # noqa: E402  (siblings: the child runner, the kits loader, SeaweedFS warm-up)
-import suite  # noqa: E402
-import throughput  # noqa: E402
 RESULTS = HERE / "results"
 MiB = 1 << 20
 
 BACKENDS = ("s3", "sftp")
-KITS = {"s3": ("_kits", "S3Kit"), "sftp": ("_kit_sftp", "SFTPKit")}
 PAYLOADS = ("random float64", "int64 < 2^40", "small ints")
 PAYLOAD_NOTES = {
     "random float64": "rng.random(n): float64 in [0, 1)",
@@ -433,30 +435,19 @@ def run(mib: int, rounds: int, backends: list[str], work: Path, payloads=PAYLOAD
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / "home").mkdir(exist_ok=True)
-    kits_mod = suite.load_kits_module()
     runs: dict = {}
-    errors: dict = {}
+    started, errors = start_kits(backends, work / "stores", log)
     started_kits: dict = {}
     try:
-        for name in backends:
-            module_name, class_name = KITS[name]
-            kit = None
+        for name, kit in started.items():
             try:
-                kit = getattr(kits_mod.load_sibling(module_name), class_name)()
-                t0 = time.monotonic()
-                kit.start(work / f"srv-{name}")
                 started_kits[name] = (kit, kit.new_bucket())
-                log(f"{name}: {kit.endpoint} up in {time.monotonic() - t0:.1f} s")
                 if name == "s3":
                     e2e._warm_seaweed(kit, started_kits[name][1], work, max(mib, SEAWEED_WARM_MIB))
-            except Exception as exc:  # noqa: BLE001 - a backend that cannot start: record, go on
+            except Exception as exc:  # noqa: BLE001 - a backend that cannot serve: record, go on
                 errors[name] = f"kit did not start: {type(exc).__name__}: {exc}"
                 log(errors[name])
-                if kit is not None and getattr(kit, "server", None) is not None:
-                    try:
-                        kit.stop()
-                    except Exception:  # noqa: BLE001
-                        pass
+                stop_kit(kit)
                 started_kits.pop(name, None)
         for rnd in range(rounds):
             order = list(modes) if rnd % 2 == 0 else list(reversed(modes))
@@ -635,9 +626,6 @@ def plot(result: dict, path: Path) -> None:
 
 
 def machine_facts() -> dict:
-    sys.path.insert(0, str(HERE))
-    import report
-
     facts = report.machine_facts()
     try:
         import importlib.metadata
@@ -675,16 +663,8 @@ def measure(mib: int, rounds: int, backends: list[str], quick: bool, work: Path)
 
 
 def write(result: dict, out: Path) -> str:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = markdown(result)
-    (out / "compression.md").write_text(text)
-    (out / "compression.json").write_text(json.dumps(result, indent=1, default=str))
-    try:
-        plot(result, out / "compression.png")
-    except Exception as exc:  # noqa: BLE001 - a plot must not lose the tables
-        log(f"plot failed: {type(exc).__name__}: {exc}")
-    return text
+    return write_report(out, "compression", markdown(result), result,
+                        {"compression.png": lambda path: plot(result, path)}, log)
 
 
 def main() -> int:

@@ -88,7 +88,6 @@ its config manager is rebuilt from them if it was imported already).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -101,17 +100,17 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-HERE = Path(__file__).resolve().parent
-INTEGRATION = HERE.parent / "integration"
+if __package__ in (None, ""):
+    # Run as a file (python bench/x.py, or a child run of one) rather than with -m:
+    # the repository root makes the packages bench and integration importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import start_kits  # noqa: E402
+from integration import _kits, _servers  # noqa: E402
+
 MiB = 1024 * 1024
 
-BACKENDS = ("s3", "gcs", "azure", "sftp")
-KIT_CLASSES = {
-    "s3": ("_kits", "S3Kit"),
-    "gcs": ("_kit_gcs", "GCSKit"),
-    "azure": ("_kit_azure", "AzureKit"),
-    "sftp": ("_kit_sftp", "SFTPKit"),
-}
+BACKENDS = tuple(_kits.KIT_CLASSES)
 BY_VALUE, HANDOFF, OFFLOAD, FLOOR = "by value", "handoff", "offload", "local path (floor)"
 STORED = (HANDOFF, OFFLOAD)  # the workflows that go through a store, one row per backend
 
@@ -213,21 +212,6 @@ if __name__ != "__main__" and __name__ in sys.modules:
     import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-# ------------------------------------------------------------------ harness modules
-
-
-def _load_kits():
-    """integration/_kits.py under the name its siblings expect (as conftest.py does)."""
-    name = "lot_it__kits"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, INTEGRATION / "_kits.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _log(msg: str) -> None:
@@ -673,13 +657,12 @@ def run(sizes_mib: list[int], backends: list[str], workdir: Path, quick: bool,
     state (servers' data, Covalent's config/db/results, staging files); the
     caller removes it.
     """
-    unknown = [b for b in backends if b not in KIT_CLASSES]
+    unknown = [b for b in backends if b not in _kits.KIT_CLASSES]
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    kits_mod = _load_kits()
-    servers = kits_mod.load_sibling("_servers")
+    servers = _servers
     saved_env = dict(os.environ)
     reps = 1 if quick else 2
 
@@ -694,26 +677,11 @@ def run(sizes_mib: list[int], backends: list[str], workdir: Path, quick: bool,
     t_total = time.monotonic()
     try:
         # ---- storage servers, then Covalent with every kit's env --------------------
+        kits, started_errors = start_kits(backends, workdir / "stores", _log)
+        kit_errors.update({name: _short(why, 120) for name, why in started_errors.items()})
         env_extra: dict = {}
-        for name in backends:
-            module_name, class_name = KIT_CLASSES[name]
-            kit = None
-            try:
-                kit = getattr(kits_mod.load_sibling(module_name), class_name)()
-                t0 = time.monotonic()
-                kit.start(workdir / "stores" / name)
-                kits[name] = kit
-                env_extra.update(kit.env)
-                _log(f"{name}: {kit.endpoint} up in {time.monotonic() - t0:.1f} s")
-            except Exception as exc:  # noqa: BLE001 - skip the backend, keep the rest
-                kit_errors[name] = f"kit did not start: {_short(exc, 120)}"
-                _log(f"{name}: {kit_errors[name]}")
-                server_obj = getattr(kit, "server", None)
-                if server_obj is not None:
-                    try:
-                        server_obj.stop()
-                    except Exception:  # noqa: BLE001
-                        pass
+        for kit in kits.values():
+            env_extra.update(kit.env)
         servers.apply_env(env_extra)  # the client builds transfers with these options
 
         server = servers.CovalentServer(covalent_dir, env_extra=env_extra, port=port)

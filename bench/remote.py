@@ -40,12 +40,17 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):
+    # Run as a file (python bench/remote.py) rather than with -m: the repository
+    # root makes the packages bench and integration importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import suite  # noqa: E402 - the environment isolation
+from integration import _servers  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE))
-
-import suite  # noqa: E402 - the kits loader and the environment isolation
 
 MiB = 1024 * 1024
 ROWS = (
@@ -174,9 +179,8 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="lot-bench-remote-"))
     suite.isolate_environment(work)
-    kits = suite.load_kits_module()
-    servers = kits.load_sibling("_servers")
-    host_mod = kits.load_sibling("_host2")
+    servers = _servers
+    from integration import _host2 as host_mod
     kit = server = host = None
     try:
         kit = suite.make_kit(args.backend)

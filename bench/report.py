@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional
+
+from bench.common import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -409,7 +410,7 @@ def markdown(results: dict) -> str:
                      "[compression.md](compression.md).")
         parts.append("")
         try:
-            from compression import tables as compression_tables  # bench/ is on sys.path (suite.py)
+            from bench.compression import tables as compression_tables
 
             parts.append(compression_tables(comp))
         except Exception as exc:  # noqa: BLE001 - the rest of the report stands
@@ -532,14 +533,7 @@ def plot_e2e(results: dict, path: Path) -> None:
 
 
 def write(results: dict, out_dir: Path) -> str:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = markdown(results)
-    (out_dir / "latest.md").write_text(text)
-    (out_dir / "latest.json").write_text(json.dumps(results, indent=1, default=str))
-    for name, fn in (("throughput.png", plot_throughput), ("e2e.png", plot_e2e)):
-        try:
-            fn(results, out_dir / name)
-        except Exception as exc:  # a plot must not lose the tables
-            print(f"plot {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-    return text
+    plots = {"throughput.png": lambda path: plot_throughput(results, path),
+             "e2e.png": lambda path: plot_e2e(results, path)}
+    return write_report(out_dir, "latest", markdown(results), results, plots,
+                        lambda line: print(line, file=sys.stderr))

@@ -28,27 +28,26 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
+if __package__ in (None, ""):
+    # Run as a file (python bench/suite.py) rather than with -m: the repository
+    # root makes the packages bench and integration importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import report, throughput  # noqa: E402
+from integration import _kits, _servers  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE))
 
-import report  # noqa: E402
-import throughput  # noqa: E402
-
-BACKENDS = ("s3", "gcs", "azure", "sftp")
-KITS = {"s3": ("_kits", "S3Kit"), "gcs": ("_kit_gcs", "GCSKit"), "azure": ("_kit_azure", "AzureKit"),
-        "sftp": ("_kit_sftp", "SFTPKit")}
+BACKENDS = tuple(_kits.KIT_CLASSES)
 FULL = {"sizes": [16, 64, 256, 1024], "rounds": 3, "small_files": 1000, "e2e_sizes": [16, 64, 256, 512],
         "compression_mib": 256, "compression_rounds": 3}
 QUICK = {"sizes": [16, 64], "rounds": 1, "small_files": 200, "e2e_sizes": [16, 64],
@@ -76,21 +75,8 @@ def isolate_environment(work: Path) -> None:
         os.environ.pop(var, None)
 
 
-def load_kits_module():
-    name = "lot_it__kits"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "integration" / "_kits.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def make_kit(name: str):
-    kits = load_kits_module()
-    module_name, class_name = KITS[name]
-    return getattr(kits.load_sibling(module_name), class_name)()
+    return _kits.kit_class(name)()
 
 
 def write_ssh_config(kit, work: Path) -> Path:
@@ -122,7 +108,7 @@ def run_backend(name: str, args, work: Path, sources: dict, warm_file: Path | No
     saved = {}
     try:
         kit.start(kit_dir)
-        saved = load_kits_module().load_sibling("_servers").apply_env(kit.env)
+        saved = _servers.apply_env(kit.env)
         settings = throughput.strategy_settings(kit.uri("settings-probe", "x"))
         info["settings"] = settings
         b = throughput.Backend(name, kit, settings, scratch)
@@ -138,7 +124,7 @@ def run_backend(name: str, args, work: Path, sources: dict, warm_file: Path | No
         info["seconds"] = time.monotonic() - started
         return rows, small, info
     finally:
-        load_kits_module().load_sibling("_servers").apply_env(saved)
+        _servers.apply_env(saved)
         try:
             if getattr(kit, "server", None) is not None:  # a failed start stops its own server
                 kit.stop()
@@ -149,23 +135,19 @@ def run_backend(name: str, args, work: Path, sources: dict, warm_file: Path | No
 
 def e2e_code() -> dict:
     """bench/e2e.py's count of the seed scenario's user code per workflow ({} if absent)."""
-    module = sys.modules.get("bench_e2e")
     try:
-        return module.user_code() if module is not None else {}
+        from bench import e2e
+
+        return e2e.user_code()
     except Exception:  # noqa: BLE001
         return {}
 
 
 def run_e2e(sizes: list[int], backends: list[str], work: Path, quick: bool) -> tuple[list, str | None]:
-    path = HERE / "e2e.py"
-    if not path.exists():
-        return [], "bench/e2e.py not found"
     try:
-        spec = importlib.util.spec_from_file_location("bench_e2e", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_e2e"] = module
-        spec.loader.exec_module(module)
-        return list(module.run(sizes, backends, work / "e2e", quick)), None
+        from bench import e2e
+
+        return list(e2e.run(sizes, backends, work / "e2e", quick)), None
     except BaseException as exc:  # noqa: BLE001 - record and carry on (KeyboardInterrupt re-raised)
         if isinstance(exc, KeyboardInterrupt):
             raise
@@ -179,7 +161,7 @@ def run_compression(args, backends: list[str], work: Path) -> tuple[dict, str | 
     """bench/compression.py on the backends it knows (s3, sftp) among ``backends``;
     writes compression.md/json/png into args.out. (result, error)."""
     try:
-        import compression
+        from bench import compression
 
         chosen = [b for b in compression.BACKENDS if b in backends]
         if not chosen:

@@ -430,6 +430,18 @@ def child_main(spec: dict) -> dict:
 # ---------------------------------------------------------------------------- parent
 
 
+def _sits_out(k: tuple[str, str], backend: str, errors: dict) -> bool:
+    """Whether (tool, direction) ``k`` is left out of this size: it failed in an
+    earlier round, or it is the built-in strategy and that cannot run here (then
+    recorded in ``errors``)."""
+    tool = k[0]
+    if k not in errors and tool == "builtin":
+        unavailable = builtin_unavailable(backend)
+        if unavailable:
+            errors[k] = unavailable
+    return k in errors
+
+
 def run_child(spec: dict, timeout: float = CHILD_TIMEOUT, *, script: Optional[Path] = None,
               env: Optional[dict] = None) -> dict:
     """One run of ``script --child <spec>`` (default: this file, one transfer) in a fresh
@@ -562,11 +574,7 @@ def measure_backend(b: Backend, sizes: list[int], sources: dict[int, tuple[Path,
                 order = tools if rnd % 2 == 0 else tools[::-1]
                 for tool in order:  # uploads
                     k = (tool, "up")
-                    if k in errors:
-                        continue
-                    unavailable = builtin_unavailable(b.name) if tool == "builtin" else None
-                    if unavailable:
-                        errors[k] = unavailable
+                    if _sits_out(k, b.name, errors):
                         continue
                     key = f"{tool}-{size}.bin"
                     r = run_child(b.spec(tool, "up", bucket, key, source))
@@ -581,11 +589,7 @@ def measure_backend(b: Backend, sizes: list[int], sources: dict[int, tuple[Path,
                         correct[k] = _verify_upload(b, bucket, key, digest)
                 for tool in order:  # downloads
                     k = (tool, "down")
-                    if k in errors:
-                        continue
-                    unavailable = builtin_unavailable(b.name) if tool == "builtin" else None
-                    if unavailable:
-                        errors[k] = unavailable
+                    if _sits_out(k, b.name, errors):
                         continue
                     key = f"{tool}-{size}.bin"
                     if (tool, "up") in errors and rnd == 0:
