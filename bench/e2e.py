@@ -123,6 +123,12 @@ DISPATCH_TIMEOUT = 900.0  # seconds before a dispatch counts as hung
 # The seed scenario as a user writes it in each style: the producer makes a numpy
 # array, the consumer sums it. Only the store URIs differ from the measured workflows
 # (which also return a checked summary instead of the bare sum).
+# The lattice is the same in every style: only the electrons change.
+_SEED_LATTICE = """
+@ct.lattice
+def seed(n):
+    return consume(produce(n))
+"""
 SEED_CODE = {
     BY_VALUE: """
 import covalent as ct
@@ -135,11 +141,7 @@ def produce(n):
 @ct.electron
 def consume(x):
     return float(x.sum())
-
-@ct.lattice
-def seed(n):
-    return consume(produce(n))
-""",
+""" + _SEED_LATTICE,
     HANDOFF: """
 import covalent as ct
 import covalent_lot as lot
@@ -155,11 +157,7 @@ def produce(n, files=[]):
 @ct.electron(files=[h.download()])
 def consume(n, files=[]):
     return float(np.load(h.path).sum())
-
-@ct.lattice
-def seed(n):
-    return consume(produce(n))
-""",
+""" + _SEED_LATTICE,
     OFFLOAD: """
 import covalent as ct
 import covalent_lot as lot
@@ -174,11 +172,7 @@ def produce(n):
 @lot.offload
 def consume(x):
     return float(x.sum())
-
-@ct.lattice
-def seed(n):
-    return consume(produce(n))
-""",
+""" + _SEED_LATTICE,
 }
 
 
@@ -351,19 +345,19 @@ def _lattices(ct, lot, workdir: Path, kits: dict, buckets: dict) -> dict:
     staging = str(workdir / "staging")
 
     # --- by value -------------------------------------------------------------------
-    @ct.electron
     def make_array(n: int, seed: int):
         import numpy as np
 
         return np.random.default_rng(seed).random(n)
 
-    @ct.electron
     def summarize(x):
         return {"n": int(x.size), "sum": float(x.sum()), "first": float(x[0]), "last": float(x[-1])}
 
+    produce_by_value, consume_by_value = ct.electron(make_array), ct.electron(summarize)
+
     @ct.lattice
     def by_value(n: int, seed: int):
-        return summarize(make_array(n, seed))
+        return consume_by_value(produce_by_value(n, seed))
 
     # --- local path (floor) ---------------------------------------------------------
     @ct.electron
@@ -415,17 +409,8 @@ def _lattices(ct, lot, workdir: Path, kits: dict, buckets: dict) -> dict:
 
     # --- offload, one per backend: the by-value code plus the two decorators ---------
     def offload_lattice(to: str):
-        @ct.electron
-        @lot.offload(to=to, staging_dir=staging)
-        def produce(n: int, seed: int):
-            import numpy as np
-
-            return np.random.default_rng(seed).random(n)
-
-        @ct.electron
-        @lot.offload
-        def consume(x):
-            return {"n": int(x.size), "sum": float(x.sum()), "first": float(x[0]), "last": float(x[-1])}
+        produce = ct.electron(lot.offload(to=to, staging_dir=staging)(make_array))
+        consume = ct.electron(lot.offload(summarize))
 
         @ct.lattice
         def offload(n: int, seed: int):
@@ -442,7 +427,7 @@ def _lattices(ct, lot, workdir: Path, kits: dict, buckets: dict) -> dict:
         out[(HANDOFF, name)] = (handoff_lattice(h), "produce", "consume")
         # The offload's cache is <staging>/objects/ (content-addressed, shared by
         # producer and consumer on this machine); keys <to><dispatch_id>/<node_id>/...
-        out[(OFFLOAD, name)] = (offload_lattice(kit.uri(buckets[name], "offload/")), "produce", "consume")
+        out[(OFFLOAD, name)] = (offload_lattice(kit.uri(buckets[name], "offload/")), "make_array", "summarize")
     return out
 
 

@@ -157,33 +157,25 @@ def run_demo(harness, s3, server, mib: int) -> int:
     def workflow_2(n: int):
         return task_2(task_1(n))
 
-    # --- the same with offloaded values: return it, receive it -------------------------
-    @ct.electron
-    @lot.offload(to=f"s3://{bucket}/lot/")
-    def produce(n: int):
+    # --- the same two steps with offloaded values (return it, receive it), then by value
+    def make_array(n: int):
         return np.random.default_rng(0).random(n)
 
-    @ct.electron
-    @lot.offload
-    def consume(x):
+    def half_sum(x):
         return {"sum_half": float(x.sum()) / 2}
+
+    produce = ct.electron(lot.offload(to=f"s3://{bucket}/lot/")(make_array))
+    consume = ct.electron(lot.offload(half_sum))
 
     @ct.lattice
     def offloaded(n: int):
         return consume(produce(n))
 
-    # --- the same workflow passing the array by value ---------------------------------
-    @ct.electron
-    def make_array(n: int):
-        return np.random.default_rng(0).random(n)
-
-    @ct.electron
-    def half_sum(x):
-        return {"sum_half": float(x.sum()) / 2}
+    make_by_value, sum_by_value = ct.electron(make_array), ct.electron(half_sum)
 
     @ct.lattice
     def by_value(n: int):
-        return half_sum(make_array(n))
+        return sum_by_value(make_by_value(n))
 
     # --- the floor: both electrons on this machine, passing a local file path -----------
     floor_dir = Path(server.workdir) / "floor"

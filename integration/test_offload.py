@@ -51,6 +51,18 @@ def array(seed: int, n: int = N):
     return np.random.default_rng(seed).random(n)
 
 
+def array_producer(prefix: str, **offload_options):
+    """A ``produce(seed)`` electron returning ``array(seed)``, offloaded below
+    ``prefix`` from 1 MiB up with ``offload_options``."""
+
+    @ct.electron
+    @lot.offload(to=prefix, min_size="1MiB", **offload_options)
+    def produce(seed):
+        return array(seed)
+
+    return produce
+
+
 def ramp(n: int = N):
     """Small integers: compress well."""
     import numpy as np
@@ -315,11 +327,7 @@ def test_nested_codecs_mmap_and_small_values(lot_env, kit, bucket, fresh_staging
     import numpy as np
 
     prefix = kit.uri(bucket, "off/")
-
-    @ct.electron
-    @lot.offload(to=prefix, min_size="1MiB", compress=False)
-    def produce(seed):
-        return array(seed)
+    produce = array_producer(prefix, compress=False)
 
     @ct.electron
     @lot.offload(to=prefix, min_size="1MiB", compress=False)
@@ -453,11 +461,7 @@ def test_three_concurrent_dispatches_then_gc_of_one(lot_env, kit, bucket, fresh_
 
 def test_dedup_stores_identical_bytes_once(lot_env, kit, bucket):
     prefix = kit.uri(bucket, "off/")
-
-    @ct.electron
-    @lot.offload(to=prefix, min_size="1MiB", dedup=True)
-    def produce(seed):
-        return array(seed)
+    produce = array_producer(prefix, dedup=True)
 
     @ct.electron
     @lot.offload
