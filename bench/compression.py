@@ -34,7 +34,7 @@ producer's (untimed) and removes the stored object. Median of ``--rounds``
 zstd levels over 64 MiB of each payload (in memory, ``threads=-1`` as the
 offload uses) and break-even link speeds complete it.
 
-    python bench/compression.py [--quick] [--mib 256] [--rounds 3] [--backends s3,sftp] [--out bench/results]
+    python -m bench.compression [--quick] [--mib 256] [--rounds 3] [--backends s3,sftp] [--out bench/results]
 
 Writes ``<out>/compression.md``, ``compression.json``, ``compression.png``.
 ``bench/suite.py`` runs it as its last part (``--skip-compression`` to leave it out).

@@ -80,7 +80,7 @@ This process keeps its HOME: only covalent's own paths (COVALENT_*,
 XDG_CACHE_HOME) point below ``workdir``, set before covalent is imported (or
 its config manager is rebuilt from them if it was imported already).
 
-    python bench/e2e.py --sizes 16,64 --backends s3,gcs,azure,sftp [--quick] [--json out.json]
+    python -m bench.e2e --sizes 16,64 --backends s3,gcs,azure,sftp [--quick] [--json out.json]
 
 (``upload s`` of an offload row is the engine's upload alone, without the encoding.)
 """

@@ -25,7 +25,7 @@ array; ``producer_s``/``consumer_s`` are the nodes' own start-to-end times as th
 server recorded them (file transfers included). Writes bench/results/remote.md,
 remote.json and remote.png, and prints the table.
 
-    python bench/remote.py [--size-mib 256] [--repeats 2] [--backend s3]
+    python -m bench.remote [--size-mib 256] [--repeats 2] [--backend s3]
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ Every transfer runs in a fresh child process, one at a time (2-core machine).
 Writes bench/results/latest.md, latest.json, throughput.png, e2e.png (and
 compression.md/json/png) and prints the markdown.
 
-    python bench/suite.py [--quick] [--backends s3,gcs,azure,sftp] [--sizes 16,64,256,1024]
+    python -m bench.suite [--quick] [--backends s3,gcs,azure,sftp] [--sizes 16,64,256,1024]
                           [--rounds N] [--small-files N] [--e2e-sizes 16,64,256,512] [--skip-e2e]
                           [--skip-compression] [--compression-mib N] [--compression-rounds N]
                           [--e2e-only | --compression-only]

@@ -109,7 +109,7 @@ _LEFTOVERS: set = set()
 def _remove_leftovers() -> None:
     # Registered after _servers' own hook, so it runs first: stop the hosts
     # (sessions, user) before their directories go.
-    for server in list(_servers._LIVE):
+    for server in _servers.live_servers():
         if isinstance(server, SecondHost):
             try:
                 server.stop()
@@ -757,27 +757,25 @@ class SecondHost(_servers.ServerProcess):
         return time.monotonic() - t0
 
     def _stop_sshd(self) -> None:
-        proc = self._proc
-        if proc is None:
-            _servers._LIVE.discard(self)
-            return
+        _servers.ServerProcess.stop(self)
+
+    def _terminate(self) -> None:
         # sshd puts each connection in a session of its own: collect them first.
+        pid = self._proc.pid
         try:
             import psutil
 
-            sessions = psutil.Process(proc.pid).children(recursive=True)
+            sessions = psutil.Process(pid).children(recursive=True)
         except Exception:  # noqa: BLE001 - already gone
             sessions = []
         try:
-            _servers._kill_group(proc.pid, term_timeout=self.stop_timeout)
+            _servers._kill_group(pid, term_timeout=self.stop_timeout)
         finally:
             for child in sessions:
                 try:
                     child.kill()
                 except Exception:  # noqa: BLE001
                     pass
-            _servers._reap(proc)
-            self._forget()
 
     def _reload_sshd(self) -> None:
         """New SetEnv lines: sshd re-executes itself on SIGHUP (same pid, same port,

@@ -270,9 +270,14 @@ def _convert_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
 
+def live_servers() -> list:
+    """The servers started and not stopped yet (what the atexit hook will stop)."""
+    return list(_LIVE)
+
+
 @atexit.register
 def _stop_leftovers() -> None:
-    for server in list(_LIVE):
+    for server in live_servers():
         try:
             server.stop()
         except Exception:  # interpreter is exiting: best effort only
