@@ -1,19 +1,16 @@
 """The asyncssh transport of the SFTP backend (``transport = asyncssh``).
 
 paramiko decrypts every packet in one Python thread and copies each byte
-several times on its way to the caller; with a checksum computed alongside,
-its downloads reach ~0.7x OpenSSH's ``sftp`` on two cores. asyncssh's SFTP
-client keeps many ranged requests in flight on one event loop and reaches
-OpenSSH's speed with the checksum on (numbers in the README). It is optional
-(``pip install covalent-lot[sftp-fast]``); ``transport = auto`` uses it when it
-is installed.
+several times on its way to the caller, so with a checksum computed alongside
+its downloads fall well behind OpenSSH's ``sftp``. asyncssh's SFTP client keeps
+``max_concurrency * max_requests`` ranged requests in flight on one channel
+and one event loop and keeps up with OpenSSH (docs/measurements.md). It is
+optional (``pip install covalent-lot[sftp-fast]``); ``transport = auto`` uses
+it when it is installed.
 
-This module offers the same small surface as the paramiko connection in
-``sftp.py`` (``primary`` with stat/listdir_attr/open/mkdir/remove/rename/
-posix_rename, ``transfer``, ``copy``, ``active``, ``close``), raising the same
-built-in exceptions, so the backend's logic (sidecars, partial names, renames,
-directories, the error table) is shared. The event loop runs in one thread per
-connection, joined on close.
+A session here offers what the paramiko one does (see ``_sftp_wire``), raising
+the same built-in exceptions. The event loop runs in one thread per session,
+joined on close.
 """
 
 from __future__ import annotations
@@ -21,14 +18,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
-import logging
 import os
 import threading
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
+from covalent_lot._pool import Watchdog
 from covalent_lot._stream import VerifyingSink
+from covalent_lot.strategies._sftp_wire import PREFERRED_CIPHERS, Session, Target, credentials, host_key_error, shape
 
-log = logging.getLogger("covalent_lot")
+__all__ = ["connect", "AsyncsshSession"]
 
 
 def _translate(exc: BaseException) -> BaseException:
@@ -58,6 +56,38 @@ def _discard(awaitable) -> None:
         close()
 
 
+def connect(settings: Mapping[str, Any], target: Target) -> "AsyncsshSession":
+    import asyncssh
+    from asyncssh.encryption import get_default_encryption_algs
+
+    known_files, key_filename = credentials(settings)
+    if settings["insecure_skip_host_key_check"]:
+        import logging
+
+        logging.getLogger("covalent_lot").warning(
+            "SFTP host key of %s NOT VERIFIED (insecure_skip_host_key_check is on)", target.label)
+    others = [a.decode() for a in get_default_encryption_algs()]
+    kwargs: dict[str, Any] = {
+        "host": target.host, "port": target.port,
+        # None switches verification off; an empty set of known hosts trusts nothing.
+        "known_hosts": None if settings["insecure_skip_host_key_check"] else (
+            asyncssh.read_known_hosts(known_files) if known_files else asyncssh.import_known_hosts("")),
+        "encryption_algs": list(PREFERRED_CIPHERS) + [a for a in others if a not in PREFERRED_CIPHERS],
+        "connect_timeout": settings["connect_timeout"] + settings["banner_timeout"] + settings["auth_timeout"],
+        "config": None,  # like paramiko here: no ~/.ssh/config
+    }
+    if target.user is not None:
+        kwargs["username"] = target.user
+    if key_filename is not None:
+        kwargs["client_keys"] = [key_filename]
+    if not settings["allow_agent"]:
+        kwargs["agent_path"] = None
+    try:
+        return AsyncsshSession(settings, lambda: asyncssh.connect(**kwargs))
+    except asyncssh.HostKeyNotVerifiable as exc:
+        raise host_key_error(target, known_files) from exc
+
+
 class _Attrs:
     """The fields of paramiko's SFTPAttributes the backend reads."""
 
@@ -73,61 +103,63 @@ class _Attrs:
 class _SmallFile:
     """A remote file for small whole reads and writes (sidecars)."""
 
-    def __init__(self, conn: "AsyncsshConnection", handle):
-        self._conn = conn
+    def __init__(self, session: "AsyncsshSession", handle):
+        self._session = session
         self._handle = handle
 
     def read(self, size: int) -> bytes:
-        return self._conn.run(self._handle.read(size))
+        return self._session.run(self._handle.read(size))
 
     def write(self, data: bytes) -> None:
-        self._conn.run(self._handle.write(data))
+        self._session.run(self._handle.write(data))
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._conn.active:
-            self._conn.run(self._handle.close())
+        if self._session.active:
+            self._session.run(self._handle.close())
 
 
 class _SyncSFTP:
     """Blocking facade over asyncssh's SFTPClient, shaped like paramiko's."""
 
-    def __init__(self, conn: "AsyncsshConnection"):
-        self._conn = conn
+    def __init__(self, session: "AsyncsshSession"):
+        self._session = session
+
+    def _call(self, name: str, *args):
+        return self._session.run(getattr(self._session.sftp, name)(*args))
 
     def stat(self, path: str) -> _Attrs:
-        return _Attrs(self._conn.run(self._conn.sftp.stat(path)))
+        return _Attrs(self._call("stat", path))
 
     def listdir_attr(self, path: str) -> list[_Attrs]:
-        names = self._conn.run(self._conn.sftp.readdir(path))
-        return [_Attrs(n.attrs, n.filename) for n in names if n.filename not in (".", "..")]
+        return [_Attrs(n.attrs, n.filename) for n in self._call("readdir", path) if n.filename not in (".", "..")]
 
     def open(self, path: str, mode: str) -> _SmallFile:
-        return _SmallFile(self._conn, self._conn.run(self._conn.sftp.open(path, mode)))
+        return _SmallFile(self._session, self._call("open", path, mode))
 
     def mkdir(self, path: str) -> None:
-        self._conn.run(self._conn.sftp.mkdir(path))
+        self._call("mkdir", path)
 
     def remove(self, path: str) -> None:
-        self._conn.run(self._conn.sftp.remove(path))
+        self._call("remove", path)
 
     def rename(self, source: str, target: str) -> None:
-        self._conn.run(self._conn.sftp.rename(source, target))
+        self._call("rename", source, target)
 
     def posix_rename(self, source: str, target: str) -> None:
-        self._conn.run(self._conn.sftp.posix_rename(source, target))
+        self._call("posix_rename", source, target)
 
 
-class AsyncsshConnection:
-    """One asyncssh connection and SFTP session, driven from a private event loop."""
+class AsyncsshSession(Session):
+    """One asyncssh connection and SFTP session, driven from a private event loop.
 
-    def __init__(self, settings: Mapping[str, Any], connect_kwargs: dict[str, Any]):
-        self.settings = settings
-        self.known_dirs: set[str] = set()
-        self.posix_rename = True
-        self.copy_data = True
+    ``open_ssh()`` makes the SSH connection (an awaitable, run on that loop).
+    """
+
+    def __init__(self, settings: Mapping[str, Any], open_ssh: Callable[[], Awaitable]):
+        super().__init__(settings)
         self._closed = False
         self._state = threading.Lock()  # orders close() against new requests
         self._ssh = None
@@ -136,20 +168,22 @@ class AsyncsshConnection:
         self._thread = threading.Thread(target=self._loop.run_forever, name="covalent-lot-asyncssh", daemon=True)
         self._thread.start()
         try:
-            self.run(self._open(connect_kwargs), timeout=None)
+            self.run(self._open(open_ssh), timeout=None)
         except BaseException:
             self.close()
             raise
         self.primary = _SyncSFTP(self)
 
-    async def _open(self, connect_kwargs: dict[str, Any]) -> None:
-        import asyncssh
-
-        self._ssh = await asyncssh.connect(**connect_kwargs)
+    async def _open(self, open_ssh: Callable[[], Awaitable]) -> None:
+        self._ssh = await open_ssh()
         self.sftp = await self._ssh.start_sftp_client()
 
-    def run(self, coro, timeout: float | None | str = "io"):
-        """Run ``coro`` on the loop; asyncssh errors come back as built-ins."""
+    def run(self, coro, timeout: float | None | str = "io", watchdog: Watchdog | None = None):
+        """Run ``coro`` on the loop; asyncssh errors come back as built-ins.
+
+        ``timeout`` bounds one request; a transfer of many passes None and a
+        ``watchdog`` it beats on each reply: when it stalls the session closes.
+        """
         if timeout == "io":
             timeout = self.settings["io_timeout"]
         with self._state:
@@ -158,19 +192,25 @@ class AsyncsshConnection:
                 raise ConnectionError("SSH connection closed (another file of this transfer failed)")
             future = asyncio.run_coroutine_threadsafe(
                 coro if timeout is None else asyncio.wait_for(coro, timeout), self._loop)
-        # Several files share the connection: if another one's failure closes it,
+        # Several files share the session: if another one's failure closes it,
         # this wait ends too, instead of waiting on a stopped loop forever.
         while not future.done():
-            concurrent.futures.wait([future], timeout=0.5)
-            if self._closed and not future.done():
+            concurrent.futures.wait([future], timeout=0.2)
+            if future.done():
+                break
+            if self._closed:
                 future.cancel()
                 raise ConnectionError("SSH connection closed while a request was in flight")
+            if watchdog is not None and watchdog.stalled:
+                # A write may wait for good on a server that stopped reading: closing
+                # ends it (and a reply half read is never reused).
+                self.close()
+                raise watchdog.error()
         try:
             return future.result()
         except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:
             raise ConnectionError("SSH connection closed while a request was in flight") from exc
         except BaseException as exc:
-            future.cancel()
             translated = _translate(exc)
             if translated is exc:
                 raise
@@ -208,55 +248,72 @@ class AsyncsshConnection:
         self._thread.join()
         self._loop.close()
 
+    def remote_copy(self, source: str, target: str) -> None:
+        """Copy on the server (the copy-data extension)."""
+        self.run(self.sftp.remote_copy(source, target))
+
+    def relay(self, source: str, target: str, chunk: int) -> None:
+        """Copy through this machine."""
+        watchdog = Watchdog(self.settings["io_timeout"], f"SFTP copy of {source}")
+
+        async def relay() -> None:
+            async with await self.sftp.open(source, "rb") as reader, await self.sftp.open(target, "wb") as writer:
+                while block := await reader.read(chunk):
+                    watchdog.beat()
+                    await writer.write(block)
+                    watchdog.beat()
+
+        self._bulk(relay(), watchdog)
+
     # --- bulk data ----------------------------------------------------------------------
+    def _bulk(self, coro, watchdog: Watchdog) -> None:
+        try:
+            self.run(coro, timeout=None, watchdog=watchdog)
+        except BaseException as exc:
+            if not isinstance(exc, OSError) or isinstance(exc, (TimeoutError, ConnectionError)):
+                self.close()  # a reply may be half read: the engine's retry opens a fresh session
+            raise
+
     def transfer(self, path: str, size: int, *, sink: VerifyingSink | None = None,
                  upload_fd: int | None = None, start: int = 0,
                  on_written: Callable[[int, int], None] | None = None) -> None:
         if size <= start:
             return
-        try:
-            self.run(self._download(path, start, size, sink) if sink is not None
-                     else self._upload(path, start, size, upload_fd, on_written), timeout=None)
-        except BaseException as exc:
-            if not isinstance(exc, OSError) or isinstance(exc, (TimeoutError, ConnectionError)):
-                self.close()  # a reply may be half read: the engine's retry opens a fresh one
-            raise
+        watchdog = Watchdog(self.settings["io_timeout"], f"SFTP {path}")
 
-    async def _download(self, path: str, start: int, size: int, sink: VerifyingSink) -> None:
         async def get(f, offset: int, length: int) -> None:
             while length:
                 data = await f.read(length, offset)
+                watchdog.beat()
                 if not data:
                     raise OSError(f"{path} ended at {offset}, before its size: it shrank while read")
                 sink.write_at(offset, data)  # replies come in order: the sink hashes inline
                 offset += len(data)
                 length -= len(data)
 
-        await self._pipeline(path, "rb", start, size, get)
-
-    async def _upload(self, path: str, start: int, size: int, fd: int,
-                      on_written: Callable[[int, int], None] | None) -> None:
-        # (The engine hashes the file in a thread alongside: measured faster on
-        # two cores than hashing these same bytes here, on the loop's thread.)
+        # The engine hashes an upload in a thread alongside: faster than hashing
+        # these same bytes here, on the loop's thread.
         async def put(f, offset: int, length: int) -> None:
-            data = os.pread(fd, length, offset)
+            data = os.pread(upload_fd, length, offset)
             if len(data) != length:
                 raise OSError(f"upload source shrank while it was read (at {offset})")
             await f.write(data, offset)
+            watchdog.beat()
             if on_written is not None:
                 on_written(offset, length)
 
-        await self._pipeline(path, "r+b", start, size, put)
+        reading = sink is not None
+        self._bulk(self._pipeline(path, "rb" if reading else "r+b", start, size, get if reading else put,
+                                  watchdog), watchdog)
 
-    async def _pipeline(self, path: str, mode: str, start: int, size: int, step) -> None:
+    async def _pipeline(self, path: str, mode: str, start: int, size: int, step, watchdog: Watchdog) -> None:
         """Run ``step(file, offset, length)`` for each request-sized range of bytes
         ``[start, size)``, at most ``depth`` at a time: bytes held are bounded by
         depth * request_size whatever the file size. (block_size=0 makes each
         read/write one SFTP request; replies are handled as they arrive.)
         """
-        request, depth = _shape(self.settings)
-        timeout = self.settings["io_timeout"]
-        slots = asyncio.Semaphore(depth)
+        request, depth = shape(self.settings)
+        slots = asyncio.Semaphore(depth * self.settings["max_concurrency"])
         failures: list[BaseException] = []
         pending: set[asyncio.Future] = set()
 
@@ -268,70 +325,32 @@ class AsyncsshConnection:
             finally:
                 slots.release()
 
-        # Opening and closing are requests too: bounded like the data requests.
-        f = await asyncio.wait_for(self.sftp.open(path, mode, block_size=0), timeout)
+        f = await self.sftp.open(path, mode, block_size=0)
+        watchdog.beat()
         try:
             try:
                 for offset in range(start, size, request):
-                    if slots.locked():  # all requests in flight: the server must answer in time
-                        await asyncio.wait_for(slots.acquire(), timeout)
-                    else:
-                        await slots.acquire()
+                    await slots.acquire()
                     if failures:
                         break
                     task = asyncio.ensure_future(run(f, offset, min(request, size - offset)))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                 if pending and not failures:
-                    _, late = await asyncio.wait(set(pending), timeout=timeout)
-                    if late:
-                        raise TimeoutError(f"no SFTP reply in {timeout} s for {path}")
+                    await asyncio.wait(set(pending))
             finally:
                 for task in list(pending):
                     task.cancel()
                 if pending:
                     await asyncio.gather(*pending, return_exceptions=True)
+            if failures:
+                raise failures[0]
+        except asyncio.CancelledError:
+            raise  # the session is closing, and the file with it
         except BaseException:
-            await self._close_quietly(f, timeout)
-            raise
-        if failures:
-            await self._close_quietly(f, timeout)
-            raise failures[0]
-        await asyncio.wait_for(f.close(), timeout)
-
-    @staticmethod
-    async def _close_quietly(f, timeout: float) -> None:
-        """Close after a failure: that failure is the one to report."""
-        try:
-            await asyncio.wait_for(f.close(), timeout)
-        except BaseException:  # noqa: BLE001 - a broken connection fails the close as well
-            pass
-
-    def copy(self, source: str, target: str, chunk: int) -> None:
-        if self.copy_data:
             try:
-                self.run(self.sftp.remote_copy(source, target))
-                return
-            except OSError as exc:
-                if isinstance(exc, (FileNotFoundError, PermissionError)):
-                    raise
-                self.copy_data = False  # not offered by this server
-        self.run(self._relay(source, target, chunk), timeout=None)
-
-    async def _relay(self, source: str, target: str, chunk: int) -> None:
-        timeout = self.settings["io_timeout"]
-        async with await asyncio.wait_for(self.sftp.open(source, "rb"), timeout) as reader, \
-                await asyncio.wait_for(self.sftp.open(target, "wb"), timeout) as writer:
-            while True:
-                block = await asyncio.wait_for(reader.read(chunk), timeout)
-                if not block:
-                    break
-                await asyncio.wait_for(writer.write(block), timeout)
-
-
-def _shape(settings: Mapping[str, Any]) -> tuple[int, int]:
-    """(bytes per request, requests in flight) for one file."""
-    from covalent_lot.strategies.sftp import MAX_REQUEST
-
-    request = min(settings["request_size"], MAX_REQUEST)
-    return request, settings["max_concurrency"] * settings["max_requests"]
+                await f.close()
+            except BaseException:  # noqa: BLE001 - that failure is the one to report
+                pass
+            raise
+        await f.close()

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import inspect
 import re
 import socket
+import stat
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
-import cloudpickle
 import paramiko
 import pytest
 
 from covalent_lot._errors import ErrorKind, translate
 from covalent_lot._uri import StoreURI, parse_uri
-
-KEY_PATH = "/secret/place/lot-unit-fake-key-id_ed25519"
 
 
 @pytest.fixture(autouse=True)
@@ -38,16 +37,41 @@ def backend(sftp):
     backend.close()
 
 
+class FakeSFTP:
+    """The requests of an SFTP client these tests need, on a server holding only ``dirs``."""
+
+    def __init__(self, dirs):
+        self.dirs = set(dirs)
+
+    def stat(self, path):
+        if path not in self.dirs:
+            raise FileNotFoundError(2, "No such file")
+        return SimpleNamespace(st_mode=stat.S_IFDIR | 0o755, st_size=0, st_mtime=0)
+
+    def listdir_attr(self, path):
+        self.stat(path)
+        return []
+
+
+@pytest.fixture
+def serving(backend, monkeypatch):
+    """``serving(*dirs)``: the backend's sessions (``connect()``) reach a server holding only ``dirs``."""
+
+    def serve(*dirs):
+        session = SimpleNamespace(primary=FakeSFTP(dirs or ("/",)), active=True, close=lambda: None)
+        monkeypatch.setattr(backend, "connect", lambda: session)
+        return backend
+
+    return serve
+
+
+def bound(backend, authority):
+    """The backend after its first request, to ``authority`` (the server's root)."""
+    assert list(backend.iter_objects(StoreURI("sftp", authority, ""))) == []
+    return backend
+
+
 # --- options -----------------------------------------------------------------------------------
-
-def test_constructible_with_zero_arguments(sftp):
-    settings = sftp.SFTPStrategy().settings
-    assert settings["port"] == 22
-    assert settings["allow_agent"] is True
-    assert settings["insecure_skip_host_key_check"] is False
-    assert settings["key_filename"] is None and settings["known_hosts"] is None
-    assert settings["max_concurrency"] >= 1
-
 
 def test_registered_for_the_sftp_scheme(sftp):
     import covalent_lot
@@ -113,6 +137,10 @@ def test_default_port_comes_from_the_option(sftp):
     assert sftp.split_authority("h:2201", default_port=2200) == (None, "h", 2201)
 
 
+def test_an_authority_is_parsed_once(sftp):
+    assert sftp.split_authority("u@h:2022") is sftp.split_authority("u@h:2022")
+
+
 @pytest.mark.parametrize("authority", ["h:0", "h:99999", "h:port", "user@"])
 def test_bad_authority(sftp, authority):
     with pytest.raises(ValueError):
@@ -130,21 +158,20 @@ def test_parse_restricts_the_scheme(sftp):
         sftp.SFTPStrategy().parse("s3://bucket/k")
 
 
-def test_endpoint_names_user_host_port(sftp, backend):
-    backend._authority = "u@example.org:2022"
+def test_endpoint_names_user_host_port(serving):
+    backend = bound(serving(), "u@example.org:2022")
     assert backend.endpoint == "sftp://u@example.org:2022"
 
 
-def test_one_backend_talks_to_one_server(sftp, backend, monkeypatch):
-    monkeypatch.setattr(type(backend), "client", property(lambda self: None))
-    backend._authority = "a@h1"
+def test_one_backend_talks_to_one_server(serving):
+    backend = bound(serving(), "a@h1")
     with pytest.raises(ValueError, match="one server"):
-        backend._conn(StoreURI("sftp", "a@h2", "x"))
+        backend.stat(StoreURI("sftp", "a@h2", "x"))
 
 
 def test_sidecar_and_partial_names(sftp):
     assert sftp.sidecar_path("/d/x.bin") == "/d/x.bin.lot-sha256"
-    partial = sftp._partial_path("/d/x.bin")
+    partial = sftp.partial_path("/d/x.bin")
     assert partial.startswith("/d/.x.bin.lot-partial-")
 
 
@@ -186,10 +213,10 @@ def _host_key_changed():
     (lambda: PermissionError(13, "Permission denied"), ErrorKind.DENIED, PermissionError),
     (lambda: OSError("Failure"), ErrorKind.OTHER, OSError),
 ])
-def test_classify_table(sftp, backend, make, kind, builtin):
+def test_classify_table(serving, make, kind, builtin):
+    backend = bound(serving(), "u@h:2022")
     verdict = backend.classify(make())
     assert verdict is not None and verdict.kind is kind
-    backend._authority = "u@h:2022"
     err = translate(verdict, action="read", target="sftp://u@h:2022/x", endpoint=backend.endpoint)
     assert isinstance(err, builtin)
 
@@ -200,10 +227,18 @@ def test_host_key_errors_say_how_to_trust(sftp, backend):
     assert verdict.kind is ErrorKind.DENIED and "ssh-keyscan -p 2022 h" in verdict.hint
 
 
-def test_missing_directory_names_it(sftp, backend):
-    verdict = backend.classify(sftp._MissingDirectory("no-such-bucket-lot", "/data"))
+def test_missing_directory_names_it(serving):
+    backend = serving("/", "/data")
+    location = StoreURI("sftp", "h", "data/no-such-bucket-lot/x.bin")
+    verdict = backend.classify(backend.missing_container(location, FileNotFoundError(2, "No such file")))
     assert verdict.kind is ErrorKind.NOT_FOUND
     assert "'no-such-bucket-lot' does not exist" in verdict.detail
+
+
+def test_a_missing_folder_in_an_existing_directory_lists_empty(serving):
+    backend = serving("/", "/data")
+    assert list(backend.iter_objects(StoreURI("sftp", "h", "data/run/"))) == []
+    assert backend.missing_container(StoreURI("sftp", "h", "data/x.bin"), FileNotFoundError()) is None
 
 
 def test_checksum_mismatch_is_the_engines(sftp, backend):
@@ -216,32 +251,29 @@ def test_foreign_errors_are_not_classified(backend):
     assert backend.classify(KeyError("x")) is None
 
 
-# --- security: no shell, no auto-trust, nothing secret pickled -------------------------------------
+# --- security: no shell, no auto-trust ------------------------------------------------------------
 
-def test_no_autoadd_and_no_subprocess_in_the_module(sftp):
-    source = inspect.getsource(sftp)
-    code = re.sub(r'""".*?"""', "", source, flags=re.S)  # docstrings may mention what is avoided
-    code = re.sub(r"#.*", "", code)
-    for banned in ("AutoAddPolicy", "WarningPolicy", "subprocess", "exec_command", "invoke_shell",
-                   "os.system", "shell=True", "save_host_keys"):
-        assert banned not in code, banned
+def test_host_keys_are_verified_by_default(sftp):
+    assert sftp.SFTPStrategy().settings["insecure_skip_host_key_check"] is False
 
 
-def test_insecure_option_never_saves_keys(sftp):
-    policy = sftp._InsecureAcceptPolicy()
+def test_no_autoadd_and_no_subprocess_in_the_modules(sftp):
+    modules = sorted(Path(sftp.__file__).parent.glob("*sftp*.py"))
+    assert len(modules) >= 4  # the backend, the shared part and both transports
+    for module in modules:
+        code = re.sub(r'""".*?"""', "", module.read_text(), flags=re.S)  # docstrings may mention what is avoided
+        code = re.sub(r"#.*", "", code)
+        for banned in ("AutoAddPolicy", "WarningPolicy", "subprocess", "exec_command", "invoke_shell",
+                       "os.system", "shell=True", "save_host_keys"):
+            assert banned not in code, (module.name, banned)
+
+
+def test_insecure_option_never_saves_keys():
+    from covalent_lot.strategies._sftp_paramiko import InsecureAcceptPolicy
+
+    policy = InsecureAcceptPolicy()
     assert policy.missing_host_key(None, "h", type("K", (), {"get_name": lambda s: "t",
                                                               "fingerprint": "f"})()) is None
-
-
-def test_pickled_transfer_call_carries_no_secret(sftp, monkeypatch):
-    monkeypatch.setenv("SSH_AUTH_SOCK", "/tmp/lot-unit-agent-socket-xyz")
-    s = sftp.SFTPStrategy(key_filename=KEY_PATH)
-    call = s._call("download", "sftp://u@h/x", "/tmp/x")
-    blob = cloudpickle.dumps(call)
-    assert b"lot-unit-agent-socket-xyz" not in blob
-    assert b"PRIVATE KEY" not in blob
-    # The key is carried by reference (its path), never its content.
-    assert KEY_PATH.encode() in blob
 
 
 def test_import_error_names_the_extra(monkeypatch):

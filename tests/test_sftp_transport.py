@@ -9,13 +9,24 @@ import time
 
 import pytest
 
+from covalent_lot._pool import Watchdog
 from covalent_lot._stream import VerifyingSink, atomic_download
 
 from .lot_fakes import run_python
 
-asyncssh = pytest.importorskip("asyncssh")
 sftp = pytest.importorskip("covalent_lot.strategies.sftp")
-transport = pytest.importorskip("covalent_lot.strategies._sftp_asyncssh")
+
+
+@pytest.fixture(scope="module")
+def asyncssh():
+    return pytest.importorskip("asyncssh")
+
+
+@pytest.fixture(scope="module")
+def transport(asyncssh):
+    from covalent_lot.strategies import _sftp_asyncssh
+
+    return _sftp_asyncssh
 
 
 # --- the sink's in-order fast path --------------------------------------------------------
@@ -58,9 +69,9 @@ def test_transport_choices(value):
     assert sftp.SFTPStrategy(transport=value).settings["transport"] == value
 
 
-def test_auto_uses_asyncssh_when_installed():
-    assert sftp._use_asyncssh("auto") is True
-    assert sftp._use_asyncssh("paramiko") is False
+def test_auto_uses_asyncssh_when_installed(asyncssh):
+    assert sftp.chosen_transport("auto") == "asyncssh"
+    assert sftp.chosen_transport("paramiko") == "paramiko"
 
 
 def test_without_asyncssh_auto_falls_back_and_asyncssh_says_how_to_install():
@@ -68,37 +79,77 @@ def test_without_asyncssh_auto_falls_back_and_asyncssh_says_how_to_install():
         import sys
         import covalent  # its executor plugins (covalent-ssh-plugin) import asyncssh
         sys.modules["asyncssh"] = None
-        from covalent_lot.strategies.sftp import _use_asyncssh
-        print("AUTO", _use_asyncssh("auto"))
+        from covalent_lot.strategies.sftp import chosen_transport
+        print("AUTO", chosen_transport("auto"))
         try:
-            _use_asyncssh("asyncssh")
+            chosen_transport("asyncssh")
         except ImportError as exc:
             print("ERR", exc)
     """)
     assert result.returncode == 0, result.stderr
-    assert "AUTO False" in result.stdout
+    assert "AUTO paramiko" in result.stdout
     assert "pip install covalent-lot[sftp-fast]" in result.stdout
 
 
 # --- asyncssh errors as built-ins ---------------------------------------------------------
-@pytest.mark.parametrize("error, expected", [
-    (asyncssh.SFTPNoSuchFile("gone"), FileNotFoundError),
-    (asyncssh.SFTPPermissionDenied("no"), PermissionError),
-    (asyncssh.SFTPFailure("odd"), OSError),
-    (asyncssh.ConnectionLost("reset"), ConnectionError),
-    (asyncssh.SFTPNoConnection("no connection"), ConnectionError),  # raised locally: transient
-    (asyncssh.SFTPConnectionLost("lost"), ConnectionError),
+class NoServer:
+    """An SSH connection that talks to no server: the session's loop runs the tests' requests."""
+
+    async def start_sftp_client(self):
+        return None
+
+    def is_closed(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    async def wait_closed(self) -> None:
+        pass
+
+
+def offline_session(transport):
+    """An asyncssh session with its loop running and no server behind it."""
+
+    async def open_ssh():
+        return NoServer()
+
+    return transport.AsyncsshSession({"io_timeout": 60.0}, open_ssh)
+
+
+async def raising(error):
+    raise error
+
+
+@pytest.mark.parametrize("name, args, expected", [
+    ("SFTPNoSuchFile", ("gone",), FileNotFoundError),
+    ("SFTPPermissionDenied", ("no",), PermissionError),
+    ("SFTPFailure", ("odd",), OSError),
+    ("ConnectionLost", ("reset",), ConnectionError),
+    ("SFTPNoConnection", ("no connection",), ConnectionError),  # raised locally: transient
+    ("SFTPConnectionLost", ("lost",), ConnectionError),
 ])
-def test_asyncssh_errors_become_builtins(error, expected):
-    translated = transport._translate(error)
-    assert type(translated) is expected
+def test_asyncssh_errors_become_builtins(asyncssh, transport, name, args, expected):
+    session = offline_session(transport)
+    try:
+        with pytest.raises(OSError) as raised:
+            session.run(raising(getattr(asyncssh, name)(*args)))
+    finally:
+        session.close()
+    assert type(raised.value) is expected
     if expected is OSError:
-        assert translated.errno is None  # a server status, like paramiko's
+        assert raised.value.errno is None  # a server status, like paramiko's
 
 
-def test_auth_and_host_key_errors_are_left_to_the_error_table():
+def test_auth_and_host_key_errors_are_left_to_the_error_table(asyncssh, transport):
     denied = asyncssh.PermissionDenied("Permission denied")
-    assert transport._translate(denied) is denied
+    session = offline_session(transport)
+    try:
+        with pytest.raises(asyncssh.PermissionDenied) as raised:
+            session.run(raising(denied))
+    finally:
+        session.close()
+    assert raised.value is denied
     backend = sftp.SFTPBackend(sftp.SFTPStrategy().settings)
     verdict = backend.classify(denied)
     assert verdict is not None and verdict.kind.name == "DENIED"
@@ -106,80 +157,71 @@ def test_auth_and_host_key_errors_are_left_to_the_error_table():
     assert lost is not None and lost.kind.name == "CONNECTION"
 
 
-def bare_connection():
-    """An AsyncsshConnection with its loop running and no SSH connection."""
+def test_a_closed_connection_refuses_new_requests_at_once(transport):
     import asyncio
 
-    conn = object.__new__(transport.AsyncsshConnection)
-    conn.settings = {"io_timeout": 60.0}
-    conn._closed = False
-    conn._state = threading.Lock()
-    conn._ssh = None
-    conn._loop = asyncio.new_event_loop()
-    conn._thread = threading.Thread(target=conn._loop.run_forever, daemon=True)
-    conn._thread.start()
-    return conn
-
-
-def test_a_closed_connection_refuses_new_requests_at_once():
-    import asyncio
-
-    conn = bare_connection()
-    conn.close()
+    session = offline_session(transport)
+    session.close()
     with pytest.raises(ConnectionError, match="closed"):
-        conn.run(asyncio.sleep(0), timeout=None)
+        session.run(asyncio.sleep(0), timeout=None)
 
 
-def test_a_request_the_loop_never_runs_ends_when_the_connection_closes():
-    """Another file's failure closed the connection just after this request was
-    scheduled: the loop stops before running it; the wait ends all the same."""
-    import asyncio
-
-    conn = bare_connection()
-    conn._loop.call_soon_threadsafe(conn._loop.stop)  # the loop stops, not yet marked closed
-    conn._thread.join(5)
+def wait_in_a_thread(session, coro, **options):
+    """Start ``session.run(coro)`` in a thread; its outcome lands in the returned list."""
     outcome = []
-    never_run = asyncio.sleep(0)
 
     def waiter():
         try:
-            conn.run(never_run, timeout=None)
+            session.run(coro, **options)
         except BaseException as exc:  # noqa: BLE001
             outcome.append(exc)
 
     thread = threading.Thread(target=waiter)
     thread.start()
     time.sleep(0.2)
-    conn._closed = True
+    return thread, outcome
+
+
+def test_a_request_the_loop_never_finishes_ends_when_the_connection_closes(transport):
+    """Another file's failure stopped the loop while this request waited on it:
+    the loop never finishes the request; the wait ends all the same."""
+    import asyncio
+
+    async def stops_the_loop():
+        asyncio.get_running_loop().stop()
+        await asyncio.sleep(30)
+
+    session = offline_session(transport)
+    thread, outcome = wait_in_a_thread(session, stops_the_loop(), timeout=None)
+    session.close()
     thread.join(5)
     assert not thread.is_alive() and type(outcome[0]) is ConnectionError
-    conn._loop.close()
-    never_run.close()
 
 
-def test_closing_the_connection_ends_requests_other_threads_wait_for():
+def test_closing_the_connection_ends_requests_other_threads_wait_for(transport):
     import asyncio
 
-    conn = bare_connection()
-    outcome = []
-
-    def waiter():
-        try:
-            conn.run(asyncio.sleep(30), timeout=None)  # a request that never answers
-        except BaseException as exc:  # noqa: BLE001
-            outcome.append(exc)
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
-    time.sleep(0.2)
-    conn.close()
+    before = set(threading.enumerate())
+    session = offline_session(transport)
+    loop_thread, = [t for t in threading.enumerate() if t not in before and t.name == "covalent-lot-asyncssh"]
+    thread, outcome = wait_in_a_thread(session, asyncio.sleep(30), timeout=None)  # never answers
+    session.close()
     thread.join(5)
     assert not thread.is_alive()
     assert len(outcome) == 1 and type(outcome[0]) is ConnectionError
-    assert not conn._thread.is_alive()
+    assert not loop_thread.is_alive()
 
 
-def test_a_closed_connection_refuses_asyncssh_context_manager_requests_too():
+def test_a_stalled_transfer_times_out_and_closes_the_connection(transport):
+    import asyncio
+
+    session = offline_session(transport)
+    with pytest.raises(TimeoutError, match="no reply in 0.3 s for SFTP /x"):
+        session.run(asyncio.sleep(30), timeout=None, watchdog=Watchdog(0.3, "SFTP /x"))
+    assert not session.active
+
+
+def test_a_closed_connection_refuses_asyncssh_context_manager_requests_too(transport):
     """asyncssh's open() returns an _ACMWrapper, not a coroutine: refused all the same."""
     import asyncio
 
@@ -189,7 +231,7 @@ def test_a_closed_connection_refuses_asyncssh_context_manager_requests_too():
     async def opener():
         await asyncio.sleep(0)
 
-    conn = bare_connection()
-    conn.close()
+    session = offline_session(transport)
+    session.close()
     with pytest.raises(ConnectionError, match="closed"):
-        conn.run(opener(), timeout=1.0)
+        session.run(opener(), timeout=1.0)

@@ -1,0 +1,151 @@
+"""What the SFTP backend and both of its transports share.
+
+The backend (``sftp.py``) speaks SFTP through a *session* that a transport
+module makes: ``_sftp_paramiko.connect`` or ``_sftp_asyncssh.connect``, both
+with the same arguments. A session offers ``primary`` (a blocking SFTP client
+shaped like paramiko's: stat, listdir_attr, open, mkdir, remove, rename,
+posix_rename), ``transfer``, ``remote_copy``, ``relay``, ``active`` and
+``close``, raising built-in exceptions for SFTP statuses. This module holds
+what both transports need: request sizes, the cipher preference, the parsed
+authority and the host-key messages. It imports neither transport.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Mapping, NamedTuple
+
+KiB = 1024
+MiB = 1024 * KiB
+# OpenSSH's sftp-server refuses messages over 256 KiB.
+MAX_REQUEST = 255 * KiB
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+TRANSPORTS = ("auto", "paramiko", "asyncssh")
+
+
+def chosen_transport(choice: str) -> str:
+    """The SSH library the ``transport`` option ``choice`` means here: "asyncssh" or "paramiko"."""
+    if choice == "paramiko":
+        return choice
+    try:
+        import asyncssh  # noqa: F401
+    except ImportError as exc:
+        if choice == "asyncssh":
+            raise ImportError(
+                "[lot.sftp] transport = asyncssh needs the asyncssh module: pip install covalent-lot[sftp-fast]"
+            ) from exc
+        return "paramiko"
+    return "asyncssh"
+
+
+class Target(NamedTuple):
+    """Where a session goes: the login name (None: the SSH library's default), host and port."""
+
+    user: str | None
+    host: str
+    port: int
+
+    @property
+    def label(self) -> str:
+        """The host as known_hosts names it."""
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+
+@functools.lru_cache(maxsize=256)
+def split_authority(authority: str, default_port: int = 22) -> Target:
+    """``[user@]host[:port]`` (or ``[v6addr]:port``) -> (user, host, port); parsed once per authority."""
+    user, sep, hostport = authority.rpartition("@")
+    user = user if sep else None
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif hostport.count(":") == 1:
+        host, _, port_text = hostport.partition(":")
+    else:
+        host, port_text = hostport, ""
+    if not host:
+        raise ValueError(f"no host in SFTP authority {authority!r}; expected sftp://[user@]host[:port]/path")
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"invalid port {port_text!r} in SFTP authority {authority!r}; "
+                             "use a port number 1-65535")
+        port = int(port_text)
+    else:
+        port = default_port
+    return Target(user or None, host, port)
+
+
+def shape(settings: Mapping[str, Any]) -> tuple[int, int]:
+    """(bytes per request, requests in flight per channel) of a transfer."""
+    return min(settings["request_size"], MAX_REQUEST), settings["max_requests"]
+
+
+class Session:
+    """What a session learned about its server; a fresh session asks again."""
+
+    def __init__(self, settings: Mapping[str, Any]):
+        self.settings = settings
+        self.known_dirs: set[str] = set()
+        # Extensions assumed offered until the server refuses one: posix-rename@openssh.com,
+        # copy-data (OpenSSH >= 9.0).
+        self.offers = {"posix-rename": True, "copy-data": True}
+
+
+class HostKeyError(Exception):
+    """The server's host key is unknown or differs from the one in known_hosts."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(message)
+        self.hint = hint
+
+
+def credentials(settings: Mapping[str, Any]) -> tuple[list[str], str | None]:
+    """(known_hosts files to verify against, private key path), on the machine that connects."""
+    known_files: list[str] = []
+    if not settings["insecure_skip_host_key_check"]:
+        if os.path.exists(SYSTEM_KNOWN_HOSTS):
+            known_files.append(SYSTEM_KNOWN_HOSTS)
+        known = settings["known_hosts"]
+        path = os.path.expanduser(known if known is not None else "~/.ssh/known_hosts")
+        if os.path.exists(path):
+            known_files.append(path)
+        elif known is not None:
+            raise HostKeyError(f"known_hosts file {known!r} does not exist on the executor",
+                               "point [lot.sftp] key known_hosts at an existing file")
+    # A path on the machine that connects; only the path travels.
+    key_filename = settings["key_filename"]
+    if key_filename is not None:
+        key_filename = os.path.expanduser(key_filename)
+        if not os.path.exists(key_filename):
+            import paramiko
+
+            raise paramiko.AuthenticationException("key_filename does not exist on the executor")
+    return known_files, key_filename
+
+
+def host_key_error(target: Target, known_files: list[str], *, presented: str = "",
+                   changed: bool = False) -> HostKeyError:
+    """Unknown or CHANGED: decided by whether known_hosts names the host at all."""
+    import paramiko
+
+    label, host, port = target.label, target.host, target.port
+    listed = changed
+    for path in known_files:
+        try:
+            listed = listed or paramiko.HostKeys(path).lookup(label) is not None
+        except (OSError, paramiko.SSHException):
+            pass
+    if listed:
+        return HostKeyError(
+            f"host key of {label} CHANGED: it is not the one in known_hosts{presented}",
+            "if the server was legitimately re-keyed, remove the old line "
+            f"(ssh-keygen -R '{label}') and add the new one "
+            f"(ssh-keyscan -p {port} {host} >> ~/.ssh/known_hosts), after checking its fingerprint",
+        )
+    return HostKeyError(
+        f"host key of {label} is unknown (not in known_hosts)",
+        f"trust it once, after checking its fingerprint: ssh-keyscan -p {port} {host} "
+        ">> ~/.ssh/known_hosts (or set [lot.sftp] known_hosts to a file holding it)",
+    )
