@@ -52,16 +52,15 @@ def no_azure_env(monkeypatch):
 
 @pytest.fixture(scope="module")
 def az():
+    """The strategy module, imported once conftest has isolated Covalent's home."""
     from covalent_lot.strategies import azure
 
     return azure
 
 
 @pytest.fixture(scope="module")
-def auth():
-    from covalent_lot.strategies import _azure_auth
-
-    return _azure_auth
+def auth(az):
+    return sys.modules["covalent_lot.strategies._azure_auth"]  # imported by azure
 
 
 @pytest.fixture(scope="module")
@@ -180,21 +179,21 @@ def test_env_options_accept_other_names(az):
     assert settings["account_key_env"] == "MY_TEAM_KEY"
 
 
-@pytest.mark.parametrize("mode", ["account_key", "sas_token", "azure_identity", "anonymous"])
-def test_explicit_credential_needs_the_account(az, mode):
-    with pytest.raises(ValueError, match="account_url or account_name"):
-        az.AzureStrategy(credential=mode)
-
-
-def test_identity_needs_https(az):
-    with pytest.raises(ValueError, match="https"):
-        az.AzureStrategy(credential="azure_identity", account_url=URL)
-    az.AzureStrategy(credential="azure_identity", account_name="myacct")
+@pytest.mark.parametrize(
+    "options, match",
+    [({"credential": mode}, "account_url or account_name")
+     for mode in ("account_key", "sas_token", "azure_identity", "anonymous")]
+    + [({"credential": "azure_identity", "account_url": URL}, "https")],  # tokens only over https
+)
+def test_explicit_credential_needs_the_account(az, options, match):
+    with pytest.raises(ValueError, match=match):
+        az.AzureStrategy(**options)
 
 
 def test_account_name_builds_the_default_url(az):
-    backend = make_backend(az, account_name="myacct")
-    assert backend.endpoint == "https://myacct.blob.core.windows.net"
+    assert make_backend(az, account_name="myacct").endpoint == "https://myacct.blob.core.windows.net"
+    # https, so DefaultAzureCredential may send its tokens there.
+    az.AzureStrategy(credential="azure_identity", account_name="myacct")
 
 
 def test_repr_shows_only_what_was_set(az):
@@ -486,23 +485,6 @@ RESPONSE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "cls, status, code, kind", RESPONSE_CASES, ids=[f"{c[0].__name__}-{c[1]}-{c[2]}" for c in RESPONSE_CASES]
-)
-def test_response_errors(backend, cls, status, code, kind):
-    err = http_error(cls, status, code)
-    verdict = backend.classify(err)
-    assert verdict is not None
-    assert verdict.kind is kind
-    assert verdict.transient is (kind in TRANSIENT)
-    if code:
-        assert code in verdict.detail
-    translated = translate(verdict, action="download", target=TARGET, endpoint=backend.endpoint)
-    assert type(translated) is EXPECTED_TYPE[kind]
-    assert str(translated).startswith(f"download {TARGET}: {kind.value}")
-    assert f"[endpoint {URL}]" in str(translated)
-
-
 def test_error_codes_as_the_sdk_enum(backend):
     from azure.storage.blob import StorageErrorCode
 
@@ -530,28 +512,35 @@ def test_busy_and_changed_blobs_have_their_own_hints(backend):
     assert "changed" in backend.classify(http_error(ax.ResourceModifiedError, 412, "ConditionNotMet")).hint
 
 
-SDK_CASES = [
-    (ax.ServiceRequestError("connection refused"), ErrorKind.CONNECTION),
-    (ax.ServiceResponseError("connection reset"), ErrorKind.CONNECTION),
-    (ax.IncompleteReadError("short body"), ErrorKind.CONNECTION),
-    (ax.ServiceRequestTimeoutError("connect timeout"), ErrorKind.TIMEOUT),
-    (ax.ServiceResponseTimeoutError("read timeout"), ErrorKind.TIMEOUT),
-    (ax.ClientAuthenticationError("DefaultAzureCredential failed to retrieve a token"), ErrorKind.DENIED),
-    (ax.AzureError("something else"), ErrorKind.OTHER),
-    (ConnectionResetError("reset by peer"), ErrorKind.CONNECTION),
-    (TimeoutError("slow"), ErrorKind.TIMEOUT),
-]
+# Errors without a response: the connection, the credential, a wrapper of the SDK's.
+SDK_ERRORS = {
+    ErrorKind.CONNECTION: (ax.ServiceRequestError("connection refused"), ax.ServiceResponseError("connection reset"),
+                           ax.IncompleteReadError("short body"), ConnectionResetError("reset by peer")),
+    ErrorKind.TIMEOUT: (ax.ServiceRequestTimeoutError("connect timeout"),
+                        ax.ServiceResponseTimeoutError("read timeout"), TimeoutError("slow")),
+    ErrorKind.DENIED: (ax.ClientAuthenticationError("DefaultAzureCredential failed to retrieve a token"),),
+    ErrorKind.OTHER: (ax.AzureError("something else"),),
+}
+ERROR_CASES = [((cls, status, code), kind) for cls, status, code, kind in RESPONSE_CASES] + [
+    (exc, kind) for kind, errors in SDK_ERRORS.items() for exc in errors]
 
 
-@pytest.mark.parametrize("exc, kind", SDK_CASES, ids=[type(e).__name__ for e, _ in SDK_CASES])
-def test_sdk_errors(backend, exc, kind):
-    verdict = backend.classify(exc)
-    assert verdict is not None, exc
+@pytest.mark.parametrize("case, kind", ERROR_CASES, ids=[
+    type(case).__name__ if isinstance(case, BaseException) else f"{case[0].__name__}-{case[1]}-{case[2]}"
+    for case, _ in ERROR_CASES])
+def test_error_table(backend, case, kind):
+    err = case if isinstance(case, BaseException) else http_error(*case)
+    verdict = backend.classify(err)
+    assert verdict is not None, err
     assert verdict.kind is kind
     assert verdict.transient is (kind in TRANSIENT)
-    translated = translate(verdict, action="upload to", target=TARGET, endpoint=backend.endpoint)
+    code = None if isinstance(case, BaseException) else case[2]
+    if code:
+        assert code in verdict.detail
+    translated = translate(verdict, action="download", target=TARGET, endpoint=backend.endpoint)
     assert type(translated) is EXPECTED_TYPE[kind]
-    assert TARGET in str(translated) and URL in str(translated)
+    assert str(translated).startswith(f"download {TARGET}: {kind.value}")
+    assert f"[endpoint {URL}]" in str(translated)
 
 
 def test_identity_package_errors_are_denied(backend):
