@@ -1,4 +1,5 @@
-"""The Azure account and its credential: options, checks on the client, the client on the executor.
+"""The Azure account: its options and their checks (on the client), and the SDK
+client with its credential and transfer settings (built on the executor).
 
 Credentials are never options: the options name *environment variables* that
 the executor reads when the transfer runs (a connection string, an account key
@@ -304,7 +305,8 @@ class AzureAccount:
         if isinstance(err, NoCredential):
             return Classified(ErrorKind.DENIED, f"no Azure credential: {err}", self.hint())
         if isinstance(err, NoAccount):
-            return Classified(ErrorKind.INVALID, str(err), "set account_url or account_name in [lot.azure] or COVALENT_LOT_AZURE_ACCOUNT_URL")
+            return Classified(ErrorKind.INVALID, str(err),
+                              "set account_url or account_name in [lot.azure] or COVALENT_LOT_AZURE_ACCOUNT_URL")
         if isinstance(err, ClientAuthenticationError) and getattr(err, "status_code", None) is None:
             # azure-identity could not get a token (no response from storage at all).
             return Classified(ErrorKind.DENIED, first_line(err), self.hint())

@@ -68,10 +68,9 @@ _SPECIAL_CONTAINERS = ("$root", "$web", "$logs")
 _CODES = codes_to_kinds(
     DENIED={
         "AuthenticationFailed", "AuthorizationFailure", "AuthorizationPermissionMismatch",
-        "AuthorizationProtocolMismatch", "AuthorizationResourceTypeMismatch",
-        "AuthorizationServiceMismatch", "AuthorizationSourceIPMismatch",
-        "InsufficientAccountPermissions", "InvalidAuthenticationInfo", "AccountIsDisabled",
-        "KeyBasedAuthenticationNotPermitted", "NoAuthenticationInformation",
+        "AuthorizationProtocolMismatch", "AuthorizationResourceTypeMismatch", "AuthorizationServiceMismatch",
+        "AuthorizationSourceIPMismatch", "InsufficientAccountPermissions", "InvalidAuthenticationInfo",
+        "AccountIsDisabled", "KeyBasedAuthenticationNotPermitted", "NoAuthenticationInformation",
     },
     THROTTLED={"ServerBusy", "TooManyRequests", "IngressOverAccountLimit", "EgressOverAccountLimit"},
     TIMEOUT={"OperationTimedOut"},
@@ -79,11 +78,10 @@ _CODES = codes_to_kinds(
     # committed the blob meanwhile): a new attempt stages them again.
     SERVER={"InvalidBlockList"},
     INVALID={
-        "InvalidResourceName", "InvalidMetadata", "MetadataTooLarge", "InvalidBlobOrBlock",
-        "InvalidBlockId", "BlockCountExceedsLimit", "RequestBodyTooLarge",
-        "InvalidHeaderValue", "InvalidQueryParameterValue", "InvalidUri", "OutOfRangeInput",
-        "OutOfRangeQueryParameterValue", "InvalidInput", "InvalidBlobType", "InvalidXmlDocument",
-        "UnsupportedHeader", "MissingRequiredHeader", "InvalidRange",
+        "InvalidResourceName", "InvalidMetadata", "MetadataTooLarge", "InvalidBlobOrBlock", "InvalidBlockId",
+        "BlockCountExceedsLimit", "RequestBodyTooLarge", "InvalidHeaderValue", "InvalidQueryParameterValue",
+        "InvalidUri", "OutOfRangeInput", "OutOfRangeQueryParameterValue", "InvalidInput", "InvalidBlobType",
+        "InvalidXmlDocument", "UnsupportedHeader", "MissingRequiredHeader", "InvalidRange",
     },
 )
 # Azure names a bad request in its error code (an unknown one is no verdict), and
@@ -106,9 +104,7 @@ def block_size_for(size: int, configured: int) -> int:
 
 def _quoted(etag: str | None) -> str | None:
     # Listings give the ETag bare, properties give it quoted; send it quoted.
-    if etag is None or etag.startswith('"') or etag.startswith("W/"):
-        return etag
-    return f'"{etag}"'
+    return etag if etag is None or etag.startswith(('"', "W/")) else f'"{etag}"'
 
 
 def _error_code(exc: BaseException) -> str:
@@ -117,6 +113,8 @@ def _error_code(exc: BaseException) -> str:
 
 
 class CopyFailed(Exception):
+    """The service ended a server-side copy other than with success."""
+
     def __init__(self, destination: StoreURI, status: str, description: str):
         reason = description or "no reason given"
         super().__init__(f"server-side copy to {destination} ended {status}: {reason}")
@@ -124,7 +122,7 @@ class CopyFailed(Exception):
 
 
 class CopyTimeout(TimeoutError):
-    pass
+    """A server-side copy still pending after copy_timeout (it was aborted)."""
 
 
 def await_copy(destination: StoreURI, started: Mapping[str, Any], poll: Callable[[], Any],
@@ -330,12 +328,9 @@ class AzureBackend(Backend):
 
 
 class AzureStrategy(LotStrategy):
-    """covalent-lot's Azure Blob strategy; every option can come from ``[lot.azure]``.
-
-    ``AzureStrategy()`` with no arguments is built from covalent.conf and the
-    environment (see the README's Configuration section). URIs are
-    ``az://container/blob`` and ``az://container/folder/``.
-    """
+    """covalent-lot's Azure Blob strategy for ``az://container/blob`` and
+    ``az://container/folder/``; every option can come from ``[lot.azure]``
+    (``AzureStrategy()`` is built from covalent.conf and the environment)."""
 
     scheme = "az"
     section = "azure"
@@ -358,6 +353,4 @@ class AzureStrategy(LotStrategy):
         if len(location.key) > MAX_BLOB_NAME:
             raise key_too_long(location, "Azure blob", MAX_BLOB_NAME, "characters")
         if location.key.rstrip("/").count("/") + 1 > MAX_SEGMENTS:
-            raise ValueError(
-                f"Azure blob names have at most {MAX_SEGMENTS} path segments; {location} has more"
-            )
+            raise ValueError(f"Azure blob names have at most {MAX_SEGMENTS} path segments; {location} has more")
