@@ -53,6 +53,7 @@ os.environ.update(_servers.covalent_client_env(COVALENT_DIR, COVALENT_PORT))
 
 BACKENDS = _kits.selected_backends()
 _NEEDED: set[str] = set()  # backends the selected tests use (after -k/-m deselection)
+_STARTED: dict = {}  # name -> kit, while the session's ``kits`` are up
 
 
 @pytest.hookimpl(trylast=True)
@@ -74,16 +75,15 @@ def kits(lot_session_dir):
     """The servers of the backends the selected tests use, started once (so
     `pytest -k gcs` starts only fake-gcs-server). Their env is not set here:
     ``_harness_env`` sets it for each integration module."""
-    started = {}
     try:
         for name in [b for b in BACKENDS if b in _NEEDED]:
             kit = _kits.kit_class(name)()
             kit.start(lot_session_dir / name)
-            started[name] = kit
-        yield started
+            _STARTED[name] = kit
+        yield _STARTED
     finally:
-        for kit in started.values():
-            kit.stop()
+        while _STARTED:
+            _STARTED.popitem()[1].stop()
 
 
 def harness_env(kits: dict) -> dict:
@@ -96,13 +96,14 @@ def harness_env(kits: dict) -> dict:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _harness_env(kits):
+def _harness_env():
     """The harness's variables in os.environ for one integration module, then
     the environment as it was: a unit test sharing the session never sees them.
     Module scope, so that module-scoped fixtures (which build strategies with
-    no arguments) find them too."""
+    no arguments) find them too; a module using ``kits`` has them started by
+    now, since pytest sets session fixtures up first."""
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in harness_env(kits).items():
+        for key, value in harness_env(_STARTED).items():
             if value is None:
                 patch.delenv(key, raising=False)
             else:
