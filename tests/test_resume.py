@@ -117,17 +117,18 @@ def test_a_download_with_checksums_off_starts_over(tmp_path, backend):
     assert backend.starts == [0, 0]
 
 
-# --- SFTP uploads -------------------------------------------------------------------------
-def test_sftp_confirmed_prefix_grows_only_without_gaps():
-    from covalent_lot.strategies.sftp import _Unfinished
+# --- resumable uploads (SFTP) -------------------------------------------------------------
+def test_confirmed_prefix_grows_only_without_gaps():
+    from covalent_lot._stream import ConfirmedPrefix
 
-    upload = _Unfinished("/d/.x.lot-partial-1")
-    upload.written(100, 50)  # confirmed out of order
+    upload = ConfirmedPrefix()
+    assert upload.add(100, 150)  # confirmed out of order
     assert upload.prefix == 0
-    upload.written(0, 100)
+    assert upload.add(0, 100)
     assert upload.prefix == 150
-    upload.written(200, 10)
+    assert upload.add(200, 210)
     assert upload.prefix == 150
+    assert not upload.add(140, 160)  # bytes confirmed twice: refused
 
 
 # --- GCS upload requests ------------------------------------------------------------------
@@ -142,7 +143,7 @@ def test_gcs_retries_one_upload_request_at_a_time(gcs_backend):
     gcs, backend = gcs_backend
     requests = pytest.importorskip("requests")
     chunk = counting(requests.ConnectionError("reset"), requests.ConnectionError("reset"), "sent")
-    assert gcs._PerRequestRetry(backend)(chunk)() == "sent"
+    assert backend.retrying(chunk)() == "sent"
     assert chunk.calls == 3
 
 
@@ -150,5 +151,5 @@ def test_gcs_does_not_retry_a_permanent_upload_error(gcs_backend):
     gcs, backend = gcs_backend
     denied = counting(ValueError("not the service's error"))
     with pytest.raises(ValueError):
-        gcs._PerRequestRetry(backend)(denied)()
+        backend.retrying(denied)()
     assert denied.calls == 1

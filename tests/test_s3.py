@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 from botocore import exceptions as bx
 
-from covalent_lot._engine import Engine, TransferStats
-from covalent_lot._errors import EXCEPTION_FOR, TRANSIENT, Classified, ErrorKind, MissingBucket, translate
-from covalent_lot._retry import RetryPolicy
+from covalent_lot._errors import EXCEPTION_FOR, TRANSIENT, Classified, ErrorKind, translate
 
-from .lot_fakes import EXPECTED_TYPE, counting
+from .lot_fakes import EXPECTED_TYPE
 
 ENDPOINT = "http://127.0.0.1:9"
 
@@ -76,17 +74,6 @@ def test_key_length_limit_is_in_utf8_bytes(strategy):
     with pytest.raises(ValueError, match="1024 bytes"):
         strategy.parse("s3://bkt/" + euro)
     assert strategy.parse("s3://bkt/" + "€" * 341).key == "€" * 341  # 1023 bytes
-
-
-def test_strategy_parse_restricts_the_scheme(strategy):
-    with pytest.raises(ValueError, match=r"'gs'.*s3"):
-        strategy.parse("gs://bkt/k")
-    assert strategy.parse("S3://bkt/k").scheme == "s3"
-
-
-def test_strategy_parse_still_applies_uri_rules(strategy):
-    with pytest.raises(ValueError, match=r"'\.\.'"):
-        strategy.parse("s3://bkt/a/../b")
 
 
 # --- the error table --------------------------------------------------------------------
@@ -176,40 +163,6 @@ def test_wrapped_client_error_is_found_through_the_cause(backend):
     assert verdict is not None and verdict.kind is ErrorKind.DENIED
 
 
-def test_wrapped_client_error_is_found_through_the_context(backend):
-    # What boto3 actually does: raise S3UploadFailedError inside ``except ClientError``.
-    from boto3.exceptions import S3UploadFailedError
-
-    try:
-        try:
-            raise client_error("SlowDown", 503, operation="UploadPart")
-        except bx.ClientError as e:
-            raise S3UploadFailedError(f"Failed to upload /tmp/x to bkt/k: {e}")
-    except S3UploadFailedError as exc:
-        wrapped = exc
-    verdict = backend.classify(wrapped)
-    assert verdict is not None and verdict.kind is ErrorKind.THROTTLED and verdict.transient
-
-
-def test_missing_bucket_marker(backend, s3mod):
-    verdict = backend.classify(MissingBucket("gone-bucket"))
-    assert verdict.kind is ErrorKind.NOT_FOUND
-    assert "'gone-bucket'" in verdict.detail
-
-
-@pytest.mark.parametrize(
-    "exc", [ValueError("bad"), KeyError("k"), FileNotFoundError("/local/x"), RuntimeError("x")]
-)
-def test_errors_that_are_not_the_service_s(backend, exc):
-    assert backend.classify(exc) is None
-
-
-def test_checksum_mismatch_is_not_classified(backend):
-    from covalent_lot import ChecksumMismatchError
-
-    assert backend.classify(ChecksumMismatchError("mismatch")) is None
-
-
 def test_endpoint_property(backend):
     assert backend.endpoint == ENDPOINT
 
@@ -246,67 +199,6 @@ def test_every_kind_translates_to_an_exception_subclass_of_its_type():
         assert type(err) is EXPECTED_TYPE[kind]
         if kind is not ErrorKind.INVALID:
             assert isinstance(err, OSError)
-
-
-# --- Engine._guard with the real S3 table --------------------------------------------------
-
-@pytest.fixture
-def engine(backend):
-    return Engine(backend, RetryPolicy(max_attempts=3, base_delay=0, max_delay=0))
-
-
-@pytest.mark.parametrize(
-    "code, status, kind",
-    [c for c in CLIENT_CASES if c[2] not in TRANSIENT_KINDS],
-    ids=[c[0] for c in CLIENT_CASES if c[2] not in TRANSIENT_KINDS],
-)
-def test_guard_does_not_retry_permanent_errors(engine, code, status, kind):
-    original = client_error(code, status)
-    fn = counting(original)
-    stats = TransferStats("download", "s3://bkt/k", "/tmp/k")
-    with pytest.raises(EXPECTED_TYPE[kind]) as info:
-        engine._guard("read", "s3://bkt/k", fn, stats)
-    assert type(info.value) is EXPECTED_TYPE[kind]
-    assert info.value.__cause__ is original
-    assert fn.calls == 1 and stats.retries == 0
-    assert "s3://bkt/k" in str(info.value) and ENDPOINT in str(info.value)
-
-
-@pytest.mark.parametrize(
-    "make, expected",
-    [
-        (lambda: client_error("SlowDown", 503), OSError),
-        (lambda: client_error("500", 500), OSError),
-        (lambda: client_error("RequestTimeout", 400), TimeoutError),
-        (lambda: bx.EndpointConnectionError(endpoint_url=ENDPOINT), ConnectionError),
-        (lambda: bx.ReadTimeoutError(endpoint_url=ENDPOINT), TimeoutError),
-    ],
-)
-def test_guard_retries_transient_errors_then_translates(engine, make, expected):
-    errors = [make() for _ in range(3)]
-    fn = counting(*errors)
-    stats = TransferStats("download", "s3://bkt/k", "/tmp/k")
-    with pytest.raises(expected) as info:
-        engine._guard("read", "s3://bkt/k", fn, stats)
-    assert type(info.value) is expected
-    assert info.value.__cause__ is errors[-1]
-    assert fn.calls == 3 and stats.retries == 2
-
-
-def test_guard_returns_after_a_transient_failure(engine):
-    fn = counting(client_error("SlowDown", 503), bx.EndpointConnectionError(endpoint_url=ENDPOINT), "ok")
-    stats = TransferStats("download", "s3://bkt/k", "/tmp/k")
-    assert engine._guard("read", "s3://bkt/k", fn, stats) == "ok"
-    assert fn.calls == 3 and stats.retries == 2
-
-
-def test_guard_passes_foreign_errors_through_untouched(engine):
-    original = ValueError("not the service's")
-    fn = counting(original)
-    with pytest.raises(ValueError) as info:
-        engine._guard("read", "s3://bkt/k", fn, TransferStats("download", "a", "b"))
-    assert info.value is original
-    assert fn.calls == 1
 
 
 # --- ranged downloads or one stream -------------------------------------------------------
