@@ -85,7 +85,7 @@ def build_engine(backend_path: str, settings: Mapping[str, Any],
                  progress: Callable[[int], None] | None = None) -> Engine:
     redact_sdk_logs()  # before the SDK's first request
     backend = _load(backend_path)(settings)
-    policy = RetryPolicy(settings["max_attempts"], settings["base_delay"], settings["max_delay"])
+    policy = RetryPolicy.from_settings(settings)
     return Engine(backend, policy, verify=settings["verify"], progress=progress)
 
 

@@ -77,7 +77,7 @@ def _bucket_problem(bucket: str) -> str | None:
     return None
 
 
-STREAM_CHUNK = 1 * MiB  # reads of a streamed GET (measured: 8 MiB reads halve the speed)
+STREAM_CHUNK = 1 * MiB  # reads of a streamed GET; larger reads were slower (docs/measurements.md)
 
 
 class S3Backend(Backend):
@@ -184,9 +184,9 @@ class S3Backend(Backend):
         location = obj.location
         if start or obj.size < self._transfer.multipart_threshold or not self.settings["ranged_downloads"]:
             # One GET returns data and metadata: no separate HEAD. Its bytes come in
-            # order, so the sink hashes them as they pass (no re-read). (For large
-            # objects ranged GETs measured faster, even on loopback.) A resumed
-            # download asks for the rest only.
+            # order, so the sink hashes them as they pass (no re-read). Large
+            # objects take ranged GETs instead, which were faster even on
+            # loopback (docs/measurements.md). A resumed download asks for the rest only.
             args = {"Bucket": location.bucket, "Key": location.key}
             if obj.version:
                 args["IfMatch"] = obj.version
