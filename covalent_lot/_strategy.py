@@ -276,8 +276,28 @@ class LotStrategy(FileTransferStrategy):
         return settings_here(self.class_path(), self.explicit)
 
     # --- validation on the client -----------------------------------------------------
+    # The service's naming rules, as data: what its buckets and objects are called,
+    # the longest key (None: no limit here) and whether the limit counts UTF-8
+    # bytes or characters.
+    bucket_noun: ClassVar[str] = "bucket"
+    object_noun: ClassVar[str] = "object"
+    max_key: ClassVar[int | None] = None
+    key_unit: ClassVar[str] = "bytes of UTF-8"
+
+    @staticmethod
+    def bucket_problem(bucket: str) -> str | None:
+        """Why ``bucket`` breaks the service's naming rules, or None."""
+        return None
+
     def check_location(self, location: StoreURI) -> None:
-        """Backend rules for bucket names etc.; raise ValueError."""
+        """The service's rules for bucket names and keys; raise ValueError. Extend for more."""
+        problem = self.bucket_problem(location.bucket)
+        if problem:
+            raise ValueError(f"invalid {self.bucket_noun} name {location.bucket!r} in {location}: {problem}")
+        key = location.key
+        length = len(key.encode("utf-8")) if self.key_unit.startswith("bytes") else len(key)
+        if self.max_key is not None and length > self.max_key:
+            raise key_too_long(location, self.object_noun, self.max_key, self.key_unit)
 
     def parse(self, uri: str) -> StoreURI:
         location = parse_uri(uri, schemes=(self.scheme,))

@@ -25,7 +25,7 @@ from covalent_lot._config import Option
 from covalent_lot._engine import Backend, RemoteObject, epoch_seconds
 from covalent_lot._errors import ChecksumMismatchError, Classified, ErrorKind, MissingBucket, http_verdict
 from covalent_lot._stream import CHECKSUM_KEY, CoalescingWriter, CountingReader, VerifyingSink
-from covalent_lot._strategy import LotStrategy, key_too_long
+from covalent_lot._strategy import LotStrategy
 from covalent_lot._uri import StoreURI
 
 from ._gcs_auth import client_kwargs, credentials_hint
@@ -346,11 +346,7 @@ class _Changed(Exception):
 
 
 class GCSStrategy(LotStrategy):
-    """covalent-lot's Google Cloud Storage strategy; every option can come from ``[lot.gcs]``.
-
-    ``GCSStrategy()`` with no arguments is built from covalent.conf and the
-    environment (see the README's Configuration section).
-    """
+    """covalent-lot's Google Cloud Storage strategy; options from ``[lot.gcs]``."""
 
     scheme = "gs"
     section = "gcs"
@@ -358,13 +354,11 @@ class GCSStrategy(LotStrategy):
     sdk_module = "google.cloud.storage"
     backend_path = "covalent_lot.strategies.gcs:GCSBackend"
     options = OPTIONS
+    bucket_noun, object_noun, max_key = "GCS bucket", "GCS object", 1024
+    bucket_problem = staticmethod(bucket_problem)
 
     def check_location(self, location: StoreURI) -> None:
-        problem = bucket_problem(location.bucket)
-        if problem:
-            raise ValueError(f"invalid GCS bucket name {location.bucket!r} in {location}: {problem}")
-        if len(location.key.encode("utf-8")) > 1024:
-            raise key_too_long(location, "GCS object", 1024)
+        super().check_location(location)
         if location.key.startswith(".well-known/acme-challenge/"):
             raise ValueError(f"GCS refuses object names starting with .well-known/acme-challenge/: "
                              f"{location}; use another prefix")

@@ -20,7 +20,7 @@ from covalent_lot._errors import (
     HTTP_STATUS_KINDS, Classified, ErrorKind, MissingBucket, codes_to_kinds, http_verdict,
 )
 from covalent_lot._stream import CHECKSUM_KEY, VerifyingSink
-from covalent_lot._strategy import LotStrategy, key_too_long
+from covalent_lot._strategy import LotStrategy
 from covalent_lot._uri import StoreURI
 
 __all__ = ["S3Strategy", "S3Backend", "OPTIONS"]
@@ -257,11 +257,7 @@ class S3Backend(Backend):
 
 
 class S3Strategy(LotStrategy):
-    """covalent-lot's S3 strategy; every option can come from ``[lot.s3]``.
-
-    ``S3Strategy()`` with no arguments is built from covalent.conf and the
-    environment (see the README's Configuration section).
-    """
+    """covalent-lot's S3 strategy (also S3-compatible servers); options from ``[lot.s3]``."""
 
     scheme = "s3"
     section = "s3"
@@ -269,10 +265,5 @@ class S3Strategy(LotStrategy):
     sdk_module = "boto3"
     backend_path = "covalent_lot.strategies.s3:S3Backend"
     options = OPTIONS
-
-    def check_location(self, location: StoreURI) -> None:
-        problem = _bucket_problem(location.bucket)
-        if problem:
-            raise ValueError(f"invalid S3 bucket name {location.bucket!r} in {location}: {problem}")
-        if len(location.key.encode("utf-8")) > 1024:
-            raise key_too_long(location, "S3 object", 1024)
+    bucket_noun, object_noun, max_key = "S3 bucket", "S3 object", 1024
+    bucket_problem = staticmethod(_bucket_problem)

@@ -137,6 +137,37 @@ def test_parse_takes_only_its_own_scheme(case):
         strategy.parse(case.uri.rsplit("/", 1)[0] + "/../b")
 
 
+# --- naming rules, checked on the client ----------------------------------------------------
+
+NAMES = {  # backend: (noun in the message, good bucket names, bad bucket names)
+    "s3": ("S3 bucket", ["bkt", "my-bucket", "my.bucket.name", "a1b", "123", "a" * 63, "x-1.y-2"],
+           ["ab", "a" * 64, "MyBucket", "my_bucket", "-bkt", "bkt-", ".bkt", "bkt.", "my..bucket",
+            "192.168.1.1", "bk t", "bkt!", "bücket"]),
+    "gcs": ("GCS bucket", ["bkt", "my-bucket", "my_bucket", "my.bucket.name", "a1b", "123", "a" * 63,
+                           ".".join(["a" * 63] * 3), "x-1.y_2"],
+            ["ab", "a" * 64, "MyBucket", "-bkt", "bkt-", "_bkt", "bkt_", ".bkt", "bkt.", "my..bucket",
+             "192.168.1.1", "bk t", "bkt!", "bücket", "goog-data", "my-google-bucket", "g00gle-x",
+             "a" * 64 + ".b", ".".join(["a" * 63] * 4)]),
+}
+NAME_CASES = [(case, good, name) for case in CASES if case.name in NAMES
+              for good, names in ((True, NAMES[case.name][1]), (False, NAMES[case.name][2]))
+              for name in names]
+
+
+@pytest.mark.parametrize("case, good, bucket", NAME_CASES,
+                         ids=[f"{c.name}-{'good' if g else 'bad'}-{b[:12]}" for c, g, b in NAME_CASES])
+def test_bucket_names(case, good, bucket):
+    strategy = case.cls()
+    uri = f"{strategy.scheme}://{bucket}/k"
+    if good:
+        assert strategy.parse(uri).bucket == bucket
+        return
+    with pytest.raises(ValueError) as info:
+        strategy.parse(uri)
+    assert type(info.value) is ValueError
+    assert repr(bucket) in str(info.value) and f"{NAMES[case.name][0]} name" in str(info.value)
+
+
 # --- the error table as every backend shares it ---------------------------------------------
 
 @pytest.fixture
