@@ -31,6 +31,7 @@ bounded by ``max_concurrency * max_requests * request_size`` either way.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import posixpath
@@ -59,36 +60,23 @@ NAME_MAX = 255  # bytes per path segment on common server filesystems
 OPTIONS: dict[str, Option] = {
     "username": Option("str", None, "login name (default: the user in the URI, else the local user)"),
     "port": Option("int", 22, "SSH port when the URI names none", 1, maximum=65535),
-    "key_filename": Option(
-        "str", None,
-        "path of a private key on the executor (by reference; never its content)",
-    ),
+    "key_filename": Option("str", None, "path of a private key on the executor (by reference; never its content)"),
     "allow_agent": Option("bool", True, "also try the keys of a running ssh-agent"),
-    "known_hosts": Option(
-        "str", None,
-        "known_hosts file to verify host keys against (default ~/.ssh/known_hosts; "
-        "the system's /etc/ssh/ssh_known_hosts is always read)",
-    ),
+    "known_hosts": Option("str", None, "known_hosts file to verify host keys against (default "
+                          "~/.ssh/known_hosts; the system's /etc/ssh/ssh_known_hosts is always read)"),
     "insecure_skip_host_key_check": Option(
-        "bool", False,
-        "DANGEROUS: accept any host key (no man-in-the-middle protection); keys are never saved",
-    ),
+        "bool", False, "DANGEROUS: accept any host key (no man-in-the-middle protection); keys are never saved"),
     "connect_timeout": Option("float", 10.0, "seconds to open the TCP connection", 0.001),
     "banner_timeout": Option("float", 15.0, "seconds to wait for the SSH banner", 0.001),
     "auth_timeout": Option("float", 15.0, "seconds to wait for authentication", 0.001),
     "io_timeout": Option("float", 60.0, "seconds to wait for any SFTP reply", 0.001),
     "max_concurrency": Option("int", 4, "SFTP channels (each with its own requests) per file", 1),
-    "chunk_size": Option(
-        "size", 8 * MiB, "unit of work a channel takes at a time; files up to this size use one channel",
-        64 * KiB,
-    ),
+    "chunk_size": Option("size", 8 * MiB, "unit of work a channel takes at a time; files up to this size "
+                         "use one channel", 64 * KiB),
     "request_size": Option("size", 255 * KiB, "bytes per SFTP read/write request (max 255 KiB)", 4 * KiB),
     "max_requests": Option("int", 32, "requests in flight per channel", 1),
-    "transport": Option(
-        "str", "auto",
-        "SSH library: paramiko, asyncssh (faster; extra sftp-fast) or auto (asyncssh when installed)",
-        choices=TRANSPORTS,
-    ),
+    "transport": Option("str", "auto", "SSH library: paramiko, asyncssh (faster; extra sftp-fast) or auto "
+                        "(asyncssh when installed)", choices=TRANSPORTS),
 }
 
 
@@ -130,6 +118,11 @@ class _MissingDirectory(MissingBucket):
     def __init__(self, path: str):
         super().__init__(posixpath.basename(path), "directory")
         self.args = (f"directory {self.bucket!r} does not exist in {posixpath.dirname(path) or '/'}",)
+
+
+def _remove_quietly(sftp, path: str) -> None:
+    with contextlib.suppress(Exception):  # cleaning up: what failed before is what to report
+        sftp.remove(path)
 
 
 def _object(location: StoreURI, attrs, sha256: str | None) -> RemoteObject:
@@ -206,7 +199,7 @@ class SFTPBackend(Backend):
         if session is not None:
             if session.active:
                 for upload in self._unfinished.values():  # retries that never came
-                    self._remove_quietly(session.primary, upload.partial)
+                    _remove_quietly(session.primary, upload.partial)
             session.close()
         self._unfinished.clear()
 
@@ -252,23 +245,17 @@ class SFTPBackend(Backend):
         sftp = session.primary
 
         def replace() -> None:
-            self._remove_quietly(sftp, target)
+            _remove_quietly(sftp, target)
             sftp.rename(source, target)
 
         self._extension(session, "posix-rename", lambda: sftp.posix_rename(source, target), replace)
-
-    def _remove_quietly(self, sftp, path: str) -> None:
-        try:
-            sftp.remove(path)
-        except Exception:
-            pass
 
     def _place(self, session: Session, partial: str, path: str, sha256: str | None) -> None:
         """The sidecar first (written atomically, or removed: never a stale checksum),
         then the partial file renamed to ``path``."""
         sftp = session.primary
         if sha256 is None:
-            self._remove_quietly(sftp, sidecar_path(path))
+            _remove_quietly(sftp, sidecar_path(path))
         else:
             side = partial_path(sidecar_path(path))
             try:
@@ -276,7 +263,7 @@ class SFTPBackend(Backend):
                     f.write((sha256 + "\n").encode("ascii"))
                 self._rename(session, side, sidecar_path(path))
             except BaseException:
-                self._remove_quietly(sftp, side)
+                _remove_quietly(sftp, side)
                 raise
         self._rename(session, partial, path)
 
@@ -339,12 +326,9 @@ class SFTPBackend(Backend):
         self._makedirs(session, posixpath.dirname(path))
         sftp = session.primary
         job = (local_path, path, size)
-        upload = self._resumable(sftp, self._unfinished.pop(job, None))
-        fresh = upload is None
-        if fresh:
-            upload = _Unfinished(partial_path(path))
+        upload = self._resumable(sftp, job) or _Unfinished(partial_path(path))
         try:
-            if fresh:
+            if not upload.prefix:
                 with sftp.open(upload.partial, "wb"):
                     pass
             with open(local_path, "rb") as f:
@@ -358,22 +342,20 @@ class SFTPBackend(Backend):
                 # confirmed bytes in the partial file; close() removes it if none comes.
                 self._unfinished[job] = upload
             elif session.active:
-                self._remove_quietly(sftp, upload.partial)
+                _remove_quietly(sftp, upload.partial)
             raise
 
-    def _resumable(self, sftp, upload: _Unfinished | None) -> _Unfinished | None:
-        """``upload`` if its partial file holds confirmed bytes to go on from, else None
-        (and a partial file it may have left is removed: the upload starts over)."""
+    def _resumable(self, sftp, job: tuple[str, str, int]) -> _Unfinished | None:
+        """The cut-short upload of ``job`` if its partial file holds confirmed bytes to go
+        on from, else None (and a partial file it may have left is removed)."""
+        upload = self._unfinished.pop(job, None)
         if upload is None:
             return None
-        if upload.prefix:
-            try:
-                if sftp.stat(upload.partial).st_size >= upload.prefix:
-                    log.info("upload to %s: resuming at byte %d", upload.partial, upload.prefix)
-                    return upload
-            except OSError:
-                return None  # gone
-        self._remove_quietly(sftp, upload.partial)
+        with contextlib.suppress(OSError):  # gone: start over
+            if upload.prefix and sftp.stat(upload.partial).st_size >= upload.prefix:
+                log.info("upload to %s: resuming at byte %d", upload.partial, upload.prefix)
+                return upload
+        _remove_quietly(sftp, upload.partial)
         return None
 
     def get_into(self, obj: RemoteObject, sink: VerifyingSink, start: int = 0) -> RemoteObject:
@@ -395,14 +377,14 @@ class SFTPBackend(Backend):
             self._place(session, partial, dst, source.sha256)
         except BaseException:
             if session.active:
-                self._remove_quietly(session.primary, partial)
+                _remove_quietly(session.primary, partial)
             raise
 
     def delete(self, location: StoreURI) -> None:
         sftp = self._session_for(location).primary
         path = remote_path(location)
         sftp.remove(path)
-        self._remove_quietly(sftp, sidecar_path(path))
+        _remove_quietly(sftp, sidecar_path(path))
 
     # --- the error table ----------------------------------------------------------------
     def classify_one(self, err: BaseException) -> Classified | None:
