@@ -22,7 +22,7 @@ import re
 from typing import Any, Iterator, Mapping
 
 from covalent_lot._config import Option
-from covalent_lot._engine import Backend, RemoteObject, epoch_seconds
+from covalent_lot._backend import Backend, RemoteObject, epoch_seconds
 from covalent_lot._errors import ChecksumMismatchError, Classified, ErrorKind, MissingBucket, http_verdict
 from covalent_lot._stream import CHECKSUM_KEY, CoalescingWriter, CountingReader, VerifyingSink
 from covalent_lot._strategy import LotStrategy

@@ -15,7 +15,7 @@ import re
 from typing import Any, Iterator, Mapping
 
 from covalent_lot._config import Option
-from covalent_lot._engine import Backend, RemoteObject, epoch_seconds
+from covalent_lot._backend import Backend, RemoteObject, epoch_seconds
 from covalent_lot._errors import (
     HTTP_STATUS_KINDS, Classified, ErrorKind, MissingBucket, codes_to_kinds, http_verdict,
 )
