@@ -20,13 +20,13 @@ import time
 from typing import Any, Callable, Iterator, Mapping
 
 from covalent_lot._config import Option
-from covalent_lot._engine import Backend, RemoteObject, epoch_seconds
+from covalent_lot._backend import Backend, RemoteObject, epoch_seconds
 from covalent_lot._errors import (
     HTTP_STATUS_KINDS, Classified, ErrorKind, MissingBucket, codes_to_kinds, exception_chain, http_verdict,
 )
 from covalent_lot._pool import run_bounded
 from covalent_lot._stream import CHECKSUM_KEY, VerifyingSink
-from covalent_lot._strategy import LotStrategy, key_too_long
+from covalent_lot._strategy import LotStrategy
 from covalent_lot._uri import StoreURI
 
 from ._azure_auth import ACCOUNT_OPTIONS, AzureAccount, check_account, first_line
@@ -339,18 +339,20 @@ class AzureStrategy(LotStrategy):
     backend_path = "covalent_lot.strategies.azure:AzureBackend"
     options = OPTIONS
 
+    bucket_noun, object_noun, max_key, key_unit = "Azure container", "Azure blob", MAX_BLOB_NAME, "characters"
+
+    @staticmethod
+    def bucket_problem(container: str) -> str | None:
+        if container in _SPECIAL_CONTAINERS or _CONTAINER.match(container):
+            return None
+        return ("3-63 characters of lowercase letters, digits and single hyphens, starting and ending "
+                "with a letter or digit")
+
     def __init__(self, **options: Any):
         super().__init__(**options)
         check_account(self.settings)
 
     def check_location(self, location: StoreURI) -> None:
-        container = location.bucket
-        if container not in _SPECIAL_CONTAINERS and not _CONTAINER.match(container):
-            raise ValueError(
-                f"invalid Azure container name {container!r} in {location}: 3-63 characters of "
-                "lowercase letters, digits and single hyphens, starting and ending with a letter or digit"
-            )
-        if len(location.key) > MAX_BLOB_NAME:
-            raise key_too_long(location, "Azure blob", MAX_BLOB_NAME, "characters")
+        super().check_location(location)
         if location.key.rstrip("/").count("/") + 1 > MAX_SEGMENTS:
             raise ValueError(f"Azure blob names have at most {MAX_SEGMENTS} path segments; {location} has more")
