@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import socket
 import stat
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,12 +72,6 @@ def bound(backend, authority):
 
 # --- options -----------------------------------------------------------------------------------
 
-def test_registered_for_the_sftp_scheme(sftp):
-    import covalent_lot
-
-    assert isinstance(covalent_lot.strategy_for("sftp://h/x"), sftp.SFTPStrategy)
-
-
 def test_explicit_false_and_zero_like_values_are_kept(sftp):
     s = sftp.SFTPStrategy(allow_agent=False, port=2222, max_concurrency=1)
     assert s.settings["allow_agent"] is False and s.settings["port"] == 2222
@@ -96,11 +89,6 @@ def test_explicit_false_and_zero_like_values_are_kept(sftp):
 def test_bad_options(sftp, options, match):
     with pytest.raises(ValueError, match=match):
         sftp.SFTPStrategy(**options)
-
-
-def test_unknown_option_is_a_type_error(sftp):
-    with pytest.raises(TypeError, match="key_filename"):
-        sftp.SFTPStrategy(key_file="x")
 
 
 def test_env_and_conf_precedence(sftp, monkeypatch, covalent_conf):
@@ -151,11 +139,6 @@ def test_folder_uri_and_root(sftp):
     location = sftp.SFTPStrategy().parse("sftp://h/data/run/")
     assert location.is_folder and sftp.remote_path(location) == "/data/run/"
     assert sftp.remote_path(StoreURI("sftp", "h", "")) == "/"
-
-
-def test_parse_restricts_the_scheme(sftp):
-    with pytest.raises(ValueError, match="scheme"):
-        sftp.SFTPStrategy().parse("s3://bucket/k")
 
 
 def test_endpoint_names_user_host_port(serving):
@@ -241,16 +224,6 @@ def test_a_missing_folder_in_an_existing_directory_lists_empty(serving):
     assert backend.missing_container(StoreURI("sftp", "h", "data/x.bin"), FileNotFoundError()) is None
 
 
-def test_checksum_mismatch_is_the_engines(sftp, backend):
-    from covalent_lot import ChecksumMismatchError
-
-    assert backend.classify(ChecksumMismatchError("x")) is None
-
-
-def test_foreign_errors_are_not_classified(backend):
-    assert backend.classify(KeyError("x")) is None
-
-
 # --- security: no shell, no auto-trust ------------------------------------------------------------
 
 def test_host_keys_are_verified_by_default(sftp):
@@ -276,9 +249,3 @@ def test_insecure_option_never_saves_keys():
                                                               "fingerprint": "f"})()) is None
 
 
-def test_import_error_names_the_extra(monkeypatch):
-    from covalent_lot.strategies import sftp
-
-    monkeypatch.setitem(sys.modules, "paramiko", None)
-    with pytest.raises(ImportError, match=r"pip install covalent-lot\[sftp\]"):
-        sftp.SFTPStrategy()
