@@ -16,6 +16,8 @@ import functools
 import os
 from typing import Any, Mapping, NamedTuple
 
+from covalent_lot._config import Option
+
 KiB = 1024
 MiB = 1024 * KiB
 # OpenSSH's sftp-server refuses messages over 256 KiB.
@@ -23,6 +25,29 @@ MAX_REQUEST = 255 * KiB
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 TRANSPORTS = ("auto", "paramiko", "asyncssh")
+
+# The options of [lot.sftp]: most of them are read by the transports.
+OPTIONS: dict[str, Option] = {
+    "username": Option("str", None, "login name (default: the user in the URI, else the local user)"),
+    "port": Option("int", 22, "SSH port when the URI names none", 1, maximum=65535),
+    "key_filename": Option("str", None, "path of a private key on the executor (by reference; never its content)"),
+    "allow_agent": Option("bool", True, "also try the keys of a running ssh-agent"),
+    "known_hosts": Option("str", None, "known_hosts file to verify host keys against (default "
+                          "~/.ssh/known_hosts; the system's /etc/ssh/ssh_known_hosts is always read)"),
+    "insecure_skip_host_key_check": Option(
+        "bool", False, "DANGEROUS: accept any host key (no man-in-the-middle protection); keys are never saved"),
+    "connect_timeout": Option("float", 10.0, "seconds to open the TCP connection", 0.001),
+    "banner_timeout": Option("float", 15.0, "seconds to wait for the SSH banner", 0.001),
+    "auth_timeout": Option("float", 15.0, "seconds to wait for authentication", 0.001),
+    "io_timeout": Option("float", 60.0, "seconds to wait for any SFTP reply", 0.001),
+    "max_concurrency": Option("int", 4, "SFTP channels (each with its own requests) per file", 1),
+    "chunk_size": Option("size", 8 * MiB, "unit of work a channel takes at a time; files up to this size "
+                         "use one channel", 64 * KiB),
+    "request_size": Option("size", 255 * KiB, "bytes per SFTP read/write request (max 255 KiB)", 4 * KiB),
+    "max_requests": Option("int", 32, "requests in flight per channel", 1),
+    "transport": Option("str", "auto", "SSH library: paramiko, asyncssh (faster; extra sftp-fast) or auto "
+                        "(asyncssh when installed)", choices=TRANSPORTS),
+}
 
 
 def chosen_transport(choice: str) -> str:

@@ -1,32 +1,14 @@
-"""SFTP (``sftp://[user@]host[:port]/absolute/path``), on paramiko.
+"""SFTP (``sftp://[user@]host[:port]/absolute/path``): a file server as an object store.
 
-For users whose storage is a file server or an HPC login node reachable over
-SSH. The URI's authority (what other schemes call the bucket) is
-``[user@]host[:port]``; the key is the absolute path without its leading '/'.
-
-Security: host keys are verified against known_hosts (the ``known_hosts``
-option, default ``~/.ssh/known_hosts``, plus the system's); an unknown or
-changed key is refused with ``PermissionError``. Keys are taken by *path*
-(``key_filename``) or from the ssh-agent, on the executor, when the transfer
-runs. No shell is ever involved: every operation is an SFTP request, so a path
-holding spaces, quotes or ';' is just a name.
-
-Atomicity: an upload writes ``<dir>/.<name>.lot-partial-<random>`` and renames
-it into place (``posix-rename@openssh.com`` when the server has it) only after
-every byte was acknowledged. Missing parent directories are created.
-
-Integrity: SFTP has no object metadata, so the sha256 is stored in a sidecar
-file ``<name>.lot-sha256`` beside the object: 64 hex characters and a newline
-(``sha256sum``-compatible digest, no file name), written atomically before the
-object is renamed into place. Listings hide sidecars and partial files. Tools
-that do not know the convention simply see one more small file. A reader that
-races a writer of the same name may get a checksum mismatch (never wrong bytes).
-
-Speed: two transports sit behind this backend (option ``transport``), each in
-its own module: paramiko (extra ``sftp``, ``_sftp_paramiko``) and asyncssh
-(extra ``sftp-fast``, ``_sftp_asyncssh``), which keeps up with OpenSSH on
-downloads with checksums on, so ``auto`` picks it when installed. Memory is
-bounded by ``max_concurrency * max_requests * request_size`` either way.
+The authority is the "bucket", the absolute path without its leading '/' the
+key. What object stores give for free is built from files here: an upload
+writes ``.<name>.lot-partial-<random>`` and renames it into place after every
+byte was acknowledged; the sha256 lives in a sidecar ``<name>.lot-sha256``
+(``sha256sum`` format) written before that rename; listings hide both. No
+shell is ever involved. Host keys are verified against known_hosts; keys are
+taken by path or from the ssh-agent on the executor. The SSH libraries sit
+behind ``_sftp_wire.Session`` (``_sftp_paramiko``, ``_sftp_asyncssh``); the
+README's Integrity and Atomicity sections say more.
 """
 
 from __future__ import annotations
@@ -40,14 +22,13 @@ import threading
 from collections import deque
 from typing import Any, Callable, Iterator, Mapping
 
-from covalent_lot._config import Option
-from covalent_lot._engine import Backend, RemoteObject, epoch_seconds
+from covalent_lot._backend import Backend, RemoteObject, epoch_seconds
 from covalent_lot._errors import Classified, ErrorKind, MissingBucket
 from covalent_lot._stream import TEMP_MARK, ConfirmedPrefix, VerifyingSink, temp_name
 from covalent_lot._strategy import LotStrategy
 from covalent_lot._uri import StoreURI
 from covalent_lot.strategies._sftp_wire import (
-    TRANSPORTS, HostKeyError, KiB, MiB, Session, Target, chosen_transport, split_authority,
+    OPTIONS, HostKeyError, Session, Target, chosen_transport, split_authority,
 )
 
 log = logging.getLogger("covalent_lot")
@@ -56,29 +37,6 @@ __all__ = ["SFTPStrategy", "SFTPBackend", "OPTIONS", "SIDECAR_SUFFIX", "split_au
 
 SIDECAR_SUFFIX = ".lot-sha256"
 NAME_MAX = 255  # bytes per path segment on common server filesystems
-
-OPTIONS: dict[str, Option] = {
-    "username": Option("str", None, "login name (default: the user in the URI, else the local user)"),
-    "port": Option("int", 22, "SSH port when the URI names none", 1, maximum=65535),
-    "key_filename": Option("str", None, "path of a private key on the executor (by reference; never its content)"),
-    "allow_agent": Option("bool", True, "also try the keys of a running ssh-agent"),
-    "known_hosts": Option("str", None, "known_hosts file to verify host keys against (default "
-                          "~/.ssh/known_hosts; the system's /etc/ssh/ssh_known_hosts is always read)"),
-    "insecure_skip_host_key_check": Option(
-        "bool", False, "DANGEROUS: accept any host key (no man-in-the-middle protection); keys are never saved"),
-    "connect_timeout": Option("float", 10.0, "seconds to open the TCP connection", 0.001),
-    "banner_timeout": Option("float", 15.0, "seconds to wait for the SSH banner", 0.001),
-    "auth_timeout": Option("float", 15.0, "seconds to wait for authentication", 0.001),
-    "io_timeout": Option("float", 60.0, "seconds to wait for any SFTP reply", 0.001),
-    "max_concurrency": Option("int", 4, "SFTP channels (each with its own requests) per file", 1),
-    "chunk_size": Option("size", 8 * MiB, "unit of work a channel takes at a time; files up to this size "
-                         "use one channel", 64 * KiB),
-    "request_size": Option("size", 255 * KiB, "bytes per SFTP read/write request (max 255 KiB)", 4 * KiB),
-    "max_requests": Option("int", 32, "requests in flight per channel", 1),
-    "transport": Option("str", "auto", "SSH library: paramiko, asyncssh (faster; extra sftp-fast) or auto "
-                        "(asyncssh when installed)", choices=TRANSPORTS),
-}
-
 
 def remote_path(location: StoreURI) -> str:
     return "/" + location.key
