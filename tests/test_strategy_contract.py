@@ -148,6 +148,10 @@ NAMES = {  # backend: (noun in the message, good bucket names, bad bucket names)
             ["ab", "a" * 64, "MyBucket", "-bkt", "bkt-", "_bkt", "bkt_", ".bkt", "bkt.", "my..bucket",
              "192.168.1.1", "bk t", "bkt!", "bücket", "goog-data", "my-google-bucket", "g00gle-x",
              "a" * 64 + ".b", ".".join(["a" * 63] * 4)]),
+    "azure": ("Azure container", ["abc", "my-container", "a1b", "123", "a" * 63, "a-b-c-1", "$root", "$web",
+                                  "$logs"],
+              ["ab", "a" * 64, "MyContainer", "my_container", "-abc", "abc-", "a--b", "my.container",
+               "con tainer", "cönt", "$other", "abc!"]),
 }
 NAME_CASES = [(case, good, name) for case in CASES if case.name in NAMES
               for good, names in ((True, NAMES[case.name][1]), (False, NAMES[case.name][2]))
