@@ -22,11 +22,12 @@ import os
 import threading
 from typing import Any, Awaitable, Callable, Mapping
 
+from covalent_lot._errors import Classified, ErrorKind
 from covalent_lot._pool import Watchdog
 from covalent_lot._stream import VerifyingSink
 from covalent_lot.strategies._sftp_wire import PREFERRED_CIPHERS, Session, Target, credentials, host_key_error, shape
 
-__all__ = ["connect", "AsyncsshSession"]
+__all__ = ["connect", "classify_error", "AsyncsshSession"]
 
 
 def _translate(exc: BaseException) -> BaseException:
@@ -47,6 +48,19 @@ def _translate(exc: BaseException) -> BaseException:
     if isinstance(exc, asyncssh.DisconnectError):
         return ConnectionError(f"SSH connection lost: {exc.reason or type(exc).__name__}")
     return exc
+
+
+def classify_error(err: BaseException, auth_hint: str) -> Classified | None:
+    """asyncssh's exceptions that reach the backend untranslated (None: not asyncssh's)."""
+    try:
+        import asyncssh
+    except ImportError:
+        return None
+    if isinstance(err, (asyncssh.PermissionDenied, asyncssh.KeyImportError)):
+        return Classified(ErrorKind.DENIED, f"authentication failed: {err}", auth_hint)
+    if isinstance(err, asyncssh.Error):  # disconnects, protocol errors
+        return Classified(ErrorKind.CONNECTION, f"{type(err).__name__}: {err}")
+    return None
 
 
 def _discard(awaitable) -> None:

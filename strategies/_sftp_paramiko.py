@@ -16,13 +16,14 @@ import threading
 from collections import deque
 from typing import Any, Callable, Mapping
 
+from covalent_lot._errors import Classified, ErrorKind
 from covalent_lot._pool import Watchdog, run_bounded
 from covalent_lot._stream import VerifyingSink
 from covalent_lot.strategies._sftp_wire import (
     KiB, MiB, PREFERRED_CIPHERS, Session, Target, credentials, host_key_error, shape,
 )
 
-__all__ = ["connect", "ParamikoSession", "InsecureAcceptPolicy"]
+__all__ = ["connect", "classify_error", "ParamikoSession", "InsecureAcceptPolicy"]
 
 # The window is only flow-control credit: what is buffered per channel is
 # bounded by the requests in flight (max_requests * request_size), so paramiko's
@@ -37,6 +38,38 @@ def connection_lost(exc: BaseException) -> bool:
     """A dropped or timed-out connection (paramiko says "Socket is closed" with a plain OSError)."""
     return (isinstance(exc, (socket.timeout, ConnectionError, EOFError))
             or (type(exc) is OSError and str(exc) == "Socket is closed"))
+
+
+def classify_error(err: BaseException, auth_hint: str) -> Classified | None:
+    """paramiko's exceptions in the error table (None: not paramiko's, or no paramiko here)."""
+    try:
+        import paramiko
+    except ImportError:
+        return None
+    if isinstance(err, paramiko.BadHostKeyException):
+        return Classified(ErrorKind.DENIED, f"host key changed: {err}",
+                          "check the server's fingerprint, then update known_hosts")
+    if isinstance(err, paramiko.AuthenticationException):
+        return Classified(ErrorKind.DENIED, f"authentication failed: {err}", auth_hint)
+    if isinstance(err, paramiko.ssh_exception.NoValidConnectionsError):
+        causes = list(err.errors.values())
+        timed_out = causes and all(isinstance(c, TimeoutError) for c in causes)
+        return Classified(ErrorKind.TIMEOUT if timed_out else ErrorKind.CONNECTION, str(err))
+    if isinstance(err, paramiko.SSHException):
+        text = str(err)
+        lowered = text.lower()
+        if "known_hosts" in lowered:
+            return Classified(ErrorKind.DENIED, text, "add the host key to known_hosts")
+        if "no authentication methods" in lowered or "authentication" in lowered and "timeout" not in lowered:
+            return Classified(ErrorKind.DENIED, text, auth_hint)
+        if "timeout" in lowered or "banner" in lowered:
+            return Classified(ErrorKind.TIMEOUT, text)
+        return Classified(ErrorKind.CONNECTION, text)
+    if isinstance(err, paramiko.SFTPError):
+        return Classified(ErrorKind.OTHER, str(err), "")
+    if type(err) is OSError and str(err) == "Socket is closed":  # paramiko's word for a dropped connection
+        return Classified(ErrorKind.CONNECTION, str(err))
+    return None
 
 
 class InsecureAcceptPolicy:

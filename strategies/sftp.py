@@ -27,6 +27,7 @@ from covalent_lot._errors import Classified, ErrorKind, MissingBucket
 from covalent_lot._stream import TEMP_MARK, ConfirmedPrefix, VerifyingSink, temp_name
 from covalent_lot._strategy import LotStrategy
 from covalent_lot._uri import StoreURI
+from covalent_lot.strategies import _sftp_asyncssh, _sftp_paramiko
 from covalent_lot.strategies._sftp_wire import (
     OPTIONS, HostKeyError, Session, Target, chosen_transport, split_authority,
 )
@@ -107,11 +108,8 @@ class SFTPBackend(Backend):
     def connect(self) -> Session:
         if self._target is None:
             raise RuntimeError("SFTPBackend used before any location was given")
-        if chosen_transport(self.settings["transport"]) == "asyncssh":
-            from covalent_lot.strategies import _sftp_asyncssh as transport
-        else:
-            from covalent_lot.strategies import _sftp_paramiko as transport
-        return transport.connect(self.settings, self._target)
+        asyncssh = chosen_transport(self.settings["transport"]) == "asyncssh"
+        return (_sftp_asyncssh if asyncssh else _sftp_paramiko).connect(self.settings, self._target)
 
     @property
     def client(self) -> Session:
@@ -346,37 +344,13 @@ class SFTPBackend(Backend):
 
     # --- the error table ----------------------------------------------------------------
     def classify_one(self, err: BaseException) -> Classified | None:
-        import paramiko
-
-        try:
-            import asyncssh
-        except ImportError:
-            asyncssh = None
-
         if isinstance(err, HostKeyError):
             return Classified(ErrorKind.DENIED, str(err), err.hint)
-        if isinstance(err, paramiko.BadHostKeyException):
-            return Classified(ErrorKind.DENIED, f"host key changed: {err}",
-                              "check the server's fingerprint, then update known_hosts")
-        if isinstance(err, paramiko.AuthenticationException) or asyncssh is not None and isinstance(
-                err, (asyncssh.PermissionDenied, asyncssh.KeyImportError)):
-            return Classified(ErrorKind.DENIED, f"authentication failed: {err}", self._auth_hint())
-        if asyncssh is not None and isinstance(err, asyncssh.Error):  # disconnects, protocol errors
-            return Classified(ErrorKind.CONNECTION, f"{type(err).__name__}: {err}")
-        if isinstance(err, paramiko.ssh_exception.NoValidConnectionsError):
-            causes = list(err.errors.values())
-            timed_out = causes and all(isinstance(c, TimeoutError) for c in causes)
-            return Classified(ErrorKind.TIMEOUT if timed_out else ErrorKind.CONNECTION, str(err))
-        if isinstance(err, paramiko.SSHException):
-            text = str(err)
-            lowered = text.lower()
-            if "known_hosts" in lowered:
-                return Classified(ErrorKind.DENIED, text, "add the host key to known_hosts")
-            if "no authentication methods" in lowered or "authentication" in lowered and "timeout" not in lowered:
-                return Classified(ErrorKind.DENIED, text, self._auth_hint())
-            if "timeout" in lowered or "banner" in lowered:
-                return Classified(ErrorKind.TIMEOUT, text)
-            return Classified(ErrorKind.CONNECTION, text)
+        for transport in (_sftp_paramiko, _sftp_asyncssh):  # each knows its library's errors
+            verdict = transport.classify_error(err, self._auth_hint())
+            if verdict is not None:
+                return verdict
+        # SFTP statuses, as both transports raise them.
         if isinstance(err, FileNotFoundError):
             return Classified(ErrorKind.NOT_FOUND, "no such file")
         if isinstance(err, PermissionError):
@@ -384,11 +358,7 @@ class SFTPBackend(Backend):
                               "check the remote user's rights on this path")
         if isinstance(err, (NotADirectoryError, IsADirectoryError)):
             return Classified(ErrorKind.INVALID, str(err), "")
-        if isinstance(err, paramiko.SFTPError):
-            return Classified(ErrorKind.OTHER, str(err), "")
-        if type(err) is OSError and str(err) == "Socket is closed":  # paramiko's word for a dropped connection
-            return Classified(ErrorKind.CONNECTION, str(err))
-        if type(err) is OSError and err.errno is None and err.args:  # SFTP statuses (SSH_FX_FAILURE etc.)
+        if type(err) is OSError and err.errno is None and err.args:  # SSH_FX_FAILURE etc.
             return Classified(ErrorKind.OTHER, f"server said: {err}", "")
         return None
 
