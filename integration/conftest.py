@@ -86,13 +86,18 @@ def kits(lot_session_dir):
             _STARTED.popitem()[1].stop()
 
 
-def harness_env(kits: dict) -> dict:
-    """What this process's environment holds while an integration test runs: the
-    session's staging dir, then every started kit's credentials and options."""
-    env = {"COVALENT_LOT_STAGING_DIR": str(STAGING_DIR)}
+def kits_env(kits: dict) -> dict:
+    """Every started kit's credentials and options, as environment variables."""
+    env: dict = {}
     for kit in kits.values():
         env.update(kit.env)
     return env
+
+
+def harness_env(kits: dict) -> dict:
+    """What this process's environment holds while an integration test runs: the
+    session's staging dir, then every started kit's credentials and options."""
+    return {"COVALENT_LOT_STAGING_DIR": str(STAGING_DIR), **kits_env(kits)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -180,8 +185,10 @@ def dask_cluster(kits, lot_session_dir):
     theirs. See _dask_cluster.py."""
     from integration import _dask_cluster
 
+    # The kits' variables but not this session's staging dir: each worker is a
+    # machine of its own, with its own staging dir.
     cluster = _dask_cluster.DaskCluster(lot_session_dir / "dask-cluster", workers=2,
-                                        base_env=harness_env(kits))
+                                        base_env=kits_env(kits))
     cluster.start()
     report(f"dask cluster: scheduler + 2 workers up in {cluster.start_seconds:.1f}s")
     try:
