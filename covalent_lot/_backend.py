@@ -48,8 +48,8 @@ class Backend(ABC):
 
     scheme: str = ""
     # True when the backend stores the checksum after the bytes (an SFTP
-    # sidecar): the engine then hashes the file while the upload runs and
-    # hands put_file a callable that waits for the digest.
+    # sidecar, an Azure block-list commit): the engine then hashes the file
+    # while the upload runs, and put_file's digest() waits for that hash.
     checksum_after_upload: bool = False
     # True when credentials belong to a host named in each URI (SFTP): they can
     # be checked only against a location.
