@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
 from ._errors import ChecksumMismatchError, ErrorKind, MissingBucket, exception_chain, translate
-from ._backend import Backend, RemoteObject, epoch_seconds
+from ._backend import Backend, RemoteObject
 from ._pool import run_bounded
 from ._retry import RetryPolicy
 from ._stream import (
@@ -26,7 +26,7 @@ from ._stream import (
 )
 from ._uri import StoreURI
 
-__all__ = ["Backend", "RemoteObject", "TransferStats", "Engine", "local_path_for_key", "epoch_seconds"]
+__all__ = ["TransferStats", "Engine", "local_path_for_key"]
 
 log = logging.getLogger("covalent_lot")
 T = TypeVar("T")

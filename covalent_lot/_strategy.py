@@ -21,7 +21,8 @@ from typing import Any, Callable, ClassVar, Mapping
 from . import _cache, _covalent, _portable
 from ._config import Option, Settings, resolve
 from ._covalent import FileTransferStrategy, FtCallDepReturnValue, original_path, resolve_template
-from ._engine import Engine, RemoteObject, TransferStats
+from ._backend import RemoteObject
+from ._engine import Engine, TransferStats
 from ._logs import log_to_stderr_if_unconfigured, redact_sdk_logs
 from ._retry import RetryPolicy
 from ._uri import STAGING, StoreURI, check_template, parse_uri

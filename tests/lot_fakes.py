@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
-from covalent_lot._engine import Backend, RemoteObject
+from covalent_lot._backend import Backend, RemoteObject
 from covalent_lot._errors import Classified, ErrorKind
 from covalent_lot._stream import VerifyingSink
 from covalent_lot._uri import StoreURI

@@ -17,7 +17,7 @@ import pytest
 
 from covalent_lot import cli
 from covalent_lot._cli_doctor import MASK, PROBE_PREFIX, is_secret, shown_value
-from covalent_lot._engine import RemoteObject
+from covalent_lot._backend import RemoteObject
 from covalent_lot._errors import ErrorKind
 from covalent_lot._uri import StoreURI
 

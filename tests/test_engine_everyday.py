@@ -9,7 +9,8 @@ import threading
 import pytest
 
 from covalent_lot import parse_uri
-from covalent_lot._engine import Engine, epoch_seconds
+from covalent_lot._backend import epoch_seconds
+from covalent_lot._engine import Engine
 from covalent_lot._retry import RetryPolicy
 
 from .lot_fakes import MemoryBackend

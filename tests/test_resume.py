@@ -10,7 +10,8 @@ import os
 import pytest
 
 from covalent_lot import ChecksumMismatchError, parse_uri
-from covalent_lot._engine import Engine, RemoteObject
+from covalent_lot._backend import RemoteObject
+from covalent_lot._engine import Engine
 from covalent_lot._errors import ErrorKind
 from covalent_lot._retry import RetryPolicy
 from covalent_lot._stream import TEMP_MARK, VerifyingSink

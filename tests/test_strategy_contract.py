@@ -15,7 +15,7 @@ import cloudpickle
 import pytest
 
 import covalent_lot as lot
-from covalent_lot._engine import RemoteObject
+from covalent_lot._backend import RemoteObject
 from covalent_lot._errors import ChecksumMismatchError, ErrorKind, MissingBucket
 from covalent_lot._strategy import build_engine
 
