@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 import socket
 import sys
 import tempfile
+import time
 from typing import Any, Callable, ClassVar, Mapping
 
 from . import _cache, _covalent, _portable
@@ -28,6 +30,10 @@ from ._retry import RetryPolicy
 from ._uri import STAGING, StoreURI, check_template, parse_uri
 
 STAGING_PREFIX = "{" + STAGING + "}/"
+
+# When set, names a file that every TransferCall appends one JSON line of timings to
+# (bench/e2e.py reads them; see PhaseClock).
+TIMINGS_ENV = "COVALENT_LOT_TIMINGS"
 
 __all__ = [
     "LotStrategy", "strategy_for", "STRATEGIES", "require_sdk", "build_engine", "settings_here",
@@ -130,12 +136,18 @@ def resolve_paths(settings: Mapping[str, Any], *texts: str) -> list[str]:
 
 
 def run_transfer(action: str, backend_path: str, settings: Mapping[str, Any], source: str,
-                 destination: str, progress: Callable[[int], None] | None = None) -> Any:
+                 destination: str, progress: Callable[[int], None] | None = None, *,
+                 clock: "PhaseClock | None" = None) -> Any:
     """Fill the placeholders of ``source``/``destination`` and run ``action`` (upload,
-    download, copy, list, delete) with a fresh engine."""
+    download, copy, list, delete) with a fresh engine. ``clock``: a :class:`PhaseClock`
+    that gets the laps "build" (engine and backend construction) and "close"."""
+    if clock is None:
+        clock = NO_CLOCK
     source, destination = resolve_paths(settings, source, destination)
     with log_to_stderr_if_unconfigured():
+        clock.lap("resolve")
         engine = build_engine(backend_path, settings, progress)
+        clock.lap("build")
         try:
             if action == "upload":
                 return engine.upload(source, parse_uri(destination))
@@ -147,7 +159,9 @@ def run_transfer(action: str, backend_path: str, settings: Mapping[str, Any], so
                 return engine.delete(parse_uri(source))
             return engine.copy(parse_uri(source), parse_uri(destination))
         finally:
+            clock.lap("engine")
             engine.backend.close()
+            clock.lap("close")
 
 
 def keep_bounded(settings: Mapping[str, Any], local: str, hold: bool = False) -> None:
@@ -167,6 +181,68 @@ def keep_bounded(settings: Mapping[str, Any], local: str, hold: bool = False) ->
         _cache.trim(root, settings["cache_limit"])
     except OSError as exc:  # tidying up must not fail the transfer it follows
         _cache.log.warning("could not trim the local cache %s: %s", root, exc)
+
+
+class PhaseClock:
+    """Wall time per phase of one :class:`TransferCall`, for ``COVALENT_LOT_TIMINGS``.
+
+    ``lap(name)`` adds the time since the previous lap to ``name``. ``write`` appends
+    one JSON line: action, source and destination (placeholders filled where
+    possible), dispatch and node, ``start``/``end`` (``time.time()``), ``phases``
+    (seconds: load = strategy, backend and SDK imports, most often cached; settings;
+    resolve; build = engine and backend construction; engine = the engine's call;
+    close; keep_bounded), ``engine_phases`` (``TransferStats.phases`` where the
+    engine reports them), bytes, files, kept and the error, if any.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self._last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def write(self, path: str, call: "TransferCall", stats: Any, error: str | None) -> None:
+        """Append the line; never raises (timings must not fail the transfer they time)."""
+        try:
+            record = {
+                "action": call.action, "source": call.source, "destination": call.destination,
+                "start": self.start, "end": time.time(), "pid": os.getpid(),
+                "phases": {name: round(seconds, 6) for name, seconds in self.phases.items()},
+                "engine_phases": dict(getattr(stats, "phases", None) or {}),
+                "error": error,
+            }
+            try:
+                context = _covalent.run_context() or {}
+            except Exception:  # noqa: BLE001 - outside an electron, or covalent's context moved
+                context = {}
+            record.update({key: str(value) for key, value in context.items()})
+            try:
+                record["source"], record["destination"] = resolve_paths(
+                    settings_here(call.strategy, call.options), call.source, call.destination)
+            except Exception:  # noqa: BLE001 - the templates as given, then
+                pass
+            for field in ("bytes", "files", "kept", "seconds", "retries"):
+                if hasattr(stats, field):
+                    record["engine_seconds" if field == "seconds" else field] = getattr(stats, field)
+            line = json.dumps(record, default=str) + "\n"
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line)  # one write of one line: O_APPEND keeps concurrent writers' lines whole
+        except (OSError, TypeError, ValueError):
+            pass
+
+
+class _NoClock:
+    """PhaseClock's stand-in when no timings are asked for: costs a method call."""
+
+    def lap(self, name: str) -> None:
+        pass
+
+
+NO_CLOCK: Any = _NoClock()
 
 
 class Portable:
@@ -203,14 +279,34 @@ class TransferCall(Portable):
         return settings_here(self.strategy, self.options)
 
     def __call__(self, progress: Callable[[int], None] | None = None) -> Any:
-        """Run it (Covalent calls it with no arguments); ``progress(nbytes)`` as bytes move."""
-        settings = self.settings()
-        backend = _load(self.strategy).backend_path
-        stats = run_transfer(self.action, backend, settings, self.source, self.destination, progress)
-        if self.action in ("upload", "download"):
-            local = resolve_paths(settings, self.source if self.action == "upload" else self.destination)[0]
-            keep_bounded(settings, local, hold=self.action == "download")
-        return stats
+        """Run it (Covalent calls it with no arguments); ``progress(nbytes)`` as bytes move.
+
+        With ``COVALENT_LOT_TIMINGS`` naming a file, one JSON line of this call's
+        timings is appended to it (:class:`PhaseClock`)."""
+        path = os.environ.get(TIMINGS_ENV)
+        clock = PhaseClock() if path else NO_CLOCK
+        stats: Any = None
+        error: str | None = None
+        try:
+            cls = _load(self.strategy)  # the strategy's module, its backend's and the SDK
+            require_sdk(cls.sdk_module, cls.extra)
+            _load(cls.backend_path)
+            clock.lap("load")
+            settings = self.settings()
+            clock.lap("settings")
+            stats = run_transfer(self.action, cls.backend_path, settings, self.source, self.destination,
+                                 progress, clock=clock)
+            if self.action in ("upload", "download"):
+                local = resolve_paths(settings, self.source if self.action == "upload" else self.destination)[0]
+                keep_bounded(settings, local, hold=self.action == "download")
+                clock.lap("keep_bounded")
+            return stats
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            if path:
+                clock.write(path, self, stats, error)
 
     def __repr__(self) -> str:
         return f"<covalent-lot {self.action} {self.source} -> {self.destination}>"
