@@ -1,10 +1,11 @@
-# covalent-lot: `make install`, `make demo`, `make test`, `make bench`.
+# covalent-lot: `make install`, `make demo`, `make test`, `make bench`
+# (`make bench-compression`, `make bench-remote`: the benchmarks outside `make bench`).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test unit integration soak bench bench-remote clean
+.PHONY: install demo test unit integration soak bench bench-compression bench-remote clean
 
 install: $(STAMP)
 
@@ -44,16 +45,23 @@ integration: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m integration.soak --minutes $(or $(MINUTES),10) --size-mib 64 --concurrency 8
 
-# Benchmark suite (speed and memory vs plain SDKs and Covalent's own strategies);
-# QUICK=1 runs the short version. Results in bench/results/.
+# Benchmark suite: issue 16's targets in one run (large-file speed and memory vs the
+# plain SDKs, Covalent's own strategies and the SSH peers at 512 MiB and 1 GiB; small
+# files; the seed handoff end to end with where its time goes), ~35 min on 2 cores;
+# QUICK=1 runs the short version. Results in bench/results/latest.md (the compression
+# and across-hosts tables are kept from their own targets' last runs).
 bench: $(STAMP)
 	$(PY) -m bench.suite $(if $(QUICK),--quick,)
-	$(PY) -m bench.remote $(if $(QUICK),--size-mib 64 --repeats 1,)
+
+# The compression trade-off of @lot.offload (~10 min); updates latest.md/json and
+# writes bench/results/compression.md/json/png.
+bench-compression: $(STAMP)
+	$(PY) -m bench.suite --compression-only $(if $(QUICK),--quick,)
 
 # The seed scenario across hosts through covalent-ssh-plugin (a second host in its
 # own mount namespace; needs root and openssh-server). Writes bench/results/remote.*.
 bench-remote: $(STAMP)
-	$(PY) -m bench.remote
+	$(PY) -m bench.remote $(if $(QUICK),--size-mib 64 --repeats 1,)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

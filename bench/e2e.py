@@ -39,16 +39,26 @@ stopped in ``finally`` (and by the harness's atexit hook should that fail).
 
 Measurement, per row:
 
-* ``wall_s``: ``ct.dispatch(...)(...)`` until
-  ``ct.get_result(dispatch_id, wait=True, intermediate_outputs=False)`` returns,
-  the same call for every workflow (``--intermediate-outputs`` switches all
+* ``wall_s``: ``ct.dispatch(...)(...)`` until the dispatch's status is terminal
+  (polled every POLL_INTERVAL s; Covalent's own ``get_result(wait=True)`` polls
+  once a second, which put 0-1 s of slack into every row) and
+  ``ct.get_result(dispatch_id, intermediate_outputs=False)`` has returned,
+  the same calls for every workflow (``--intermediate-outputs`` switches all
   rows to Covalent's default, which also downloads every node's output, i.e.
-  the whole array for "by value"). Covalent's ``wait=True`` polls the status
-  once a second, so ``wall_s`` carries 0-1 s of polling slack; ``server_s``
-  (the dispatch's start to end time as the server recorded it) has no such
-  quantization, ``producer_s``/``consumer_s`` are the nodes' own start-to-end
-  times (file transfers included), and for handoff rows ``upload_s`` /
-  ``download_s`` come from covalent-lot's INFO lines in the nodes' stderr.
+  the whole array for "by value"). ``server_s`` is the dispatch's start to end
+  time as the server recorded it, ``producer_s``/``consumer_s`` the nodes' own
+  start-to-end times (file transfers included), and for handoff rows
+  ``upload_s`` / ``download_s`` come from covalent-lot's INFO lines in the
+  nodes' stderr.
+* where the handoff's time goes (``gap``, 512 MiB in the report): the Covalent
+  server runs with ``COVALENT_LOT_TIMINGS`` (every covalent-lot transfer hook
+  appends its phase timings, see covalent_lot._strategy.PhaseClock) and
+  ``LOT_BENCH_MARKS`` (every measured electron appends ``time.time()`` as its
+  body starts and as it returns); :func:`explain_gap` splits handoff wall -
+  floor wall of the same size into imports, settings, client construction,
+  Covalent's hook overhead, hashing, transfer, cache trimming and the rest,
+  and what is left is ``unaccounted`` (the dispatch's start and the result's
+  fetch, which no timestamp brackets).
 * ``worker_rss_mib``: peak RSS of the largest single process of the Covalent
   server's process group (uvicorn dispatcher, dask scheduler, nannies, the
   workers that run the electrons), sampled every 50 ms; ``tree_rss_mib`` the
@@ -119,6 +129,12 @@ INTERMEDIATE_OUTPUTS = False
 SAMPLE_INTERVAL = 0.05  # seconds between RSS samples
 WARM_N = 1024  # elements in the untimed warm-up dispatches
 DISPATCH_TIMEOUT = 900.0  # seconds before a dispatch counts as hung
+POLL_INTERVAL = 0.1  # seconds between status queries while a dispatch runs
+# Files the Covalent server's environment names (its dask workers inherit it): every
+# covalent-lot transfer hook appends its timings to the first, every measured electron
+# its own start and return times to the second.
+TIMINGS_ENV = "COVALENT_LOT_TIMINGS"
+MARKS_ENV = "LOT_BENCH_MARKS"
 
 # The seed scenario as a user writes it in each style: the producer makes a numpy
 # array, the consumer sums it. Only the store URIs differ from the measured workflows
@@ -206,6 +222,37 @@ if __name__ != "__main__" and __name__ in sys.modules:
     import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _mark(role: str, event: str) -> None:
+    """In an electron: append its dispatch, ``role`` (producer/consumer), ``event``
+    (start/return) and ``time.time()`` to the file LOT_BENCH_MARKS names (no-op unset)."""
+    t = time.time()
+    path = os.environ.get(MARKS_ENV)
+    if not path:
+        return
+    import covalent as ct
+
+    line = json.dumps({"dispatch_id": ct.get_context().dispatch_id, "role": role, "event": event, "t": t})
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def _read_jsonl(path: Path, dispatch_id: str) -> list[dict]:
+    """The lines of ``path`` that belong to ``dispatch_id`` (unreadable lines skipped)."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("dispatch_id") == dispatch_id:
+                    out.append(record)
+    except OSError:
+        pass
+    return out
 
 
 def _log(msg: str) -> None:
@@ -345,13 +392,20 @@ def _lattices(ct, lot, workdir: Path, kits: dict, buckets: dict) -> dict:
     staging = str(workdir / "staging")
 
     # --- by value -------------------------------------------------------------------
+    # Every measured electron marks its body's start and return (_mark; a file append).
     def make_array(n: int, seed: int):
+        _mark("producer", "start")
         import numpy as np
 
-        return np.random.default_rng(seed).random(n)
+        x = np.random.default_rng(seed).random(n)
+        _mark("producer", "return")
+        return x
 
     def summarize(x):
-        return {"n": int(x.size), "sum": float(x.sum()), "first": float(x[0]), "last": float(x[-1])}
+        _mark("consumer", "start")
+        out = {"n": int(x.size), "sum": float(x.sum()), "first": float(x[0]), "last": float(x[-1])}
+        _mark("consumer", "return")
+        return out
 
     produce_by_value, consume_by_value = ct.electron(make_array), ct.electron(summarize)
 
@@ -362,19 +416,24 @@ def _lattices(ct, lot, workdir: Path, kits: dict, buckets: dict) -> dict:
     # --- local path (floor) ---------------------------------------------------------
     @ct.electron
     def save_local(n: int, seed: int):
+        _mark("producer", "start")
         import numpy as np
 
         os.makedirs(floor_dir, exist_ok=True)
         path = os.path.join(floor_dir, f"{ct.get_context().dispatch_id}.npy")
         np.save(path, np.random.default_rng(seed).random(n))
+        _mark("producer", "return")
         return path
 
     @ct.electron
     def load_local(path: str):
+        _mark("consumer", "start")
         import numpy as np
 
         x = np.load(path)
-        return {"n": int(x.size), "sum": float(x.sum()), "first": float(x[0]), "last": float(x[-1])}
+        out = {"n": int(x.size), "sum": float(x.sum()), "first": float(x[0]), "last": float(x[-1])}
+        _mark("consumer", "return")
+        return out
 
     @ct.lattice
     def local_path(n: int, seed: int):
@@ -389,17 +448,22 @@ def _lattices(ct, lot, workdir: Path, kits: dict, buckets: dict) -> dict:
     def handoff_lattice(h):
         @ct.electron(files=[h.upload()])
         def produce(n: int, seed: int, files=[]):
+            _mark("producer", "start")
             import numpy as np
 
             np.save(h.path, np.random.default_rng(seed).random(n))
+            _mark("producer", "return")
             return n  # the consumer's dependency; the bytes go through storage
 
         @ct.electron(files=[h.download()])
         def consume(n: int, files=[]):
+            _mark("consumer", "start")
             import numpy as np
 
             x = np.load(h.path)
-            return {"n": int(x.size), "sum": float(x.sum()), "first": float(x[0]), "last": float(x[-1])}
+            out = {"n": int(x.size), "sum": float(x.sum()), "first": float(x[0]), "last": float(x[-1])}
+            _mark("consumer", "return")
+            return out
 
         @ct.lattice
         def handoff(n: int, seed: int):
@@ -463,13 +527,23 @@ def _transfer_seconds(stderr_text: str, action: str) -> Optional[float]:
     return sum(seconds) if seconds else None
 
 
+def _wait_and_get(ct, dispatch_id: str):
+    """Poll the dispatch's status every POLL_INTERVAL s until it is terminal, then fetch
+    the result (what ``get_result(wait=True)`` does, with a once-a-second poll)."""
+    from covalent._shared_files.util_classes import RESULT_STATUS
+
+    while not RESULT_STATUS.is_terminal(ct.get_result(dispatch_id, status_only=True)["status"]):
+        time.sleep(POLL_INTERVAL)
+    return ct.get_result(dispatch_id, wait=False, intermediate_outputs=INTERMEDIATE_OUTPUTS)
+
+
 def _get_result(ct, dispatch_id: str, timeout: float):
-    """ct.get_result(wait=True) with a deadline: (result, finished perf_counter, error)."""
+    """The result with a deadline: (result, finished perf_counter, error)."""
     box: dict = {}
 
     def target():
         try:
-            box["result"] = ct.get_result(dispatch_id, wait=True, intermediate_outputs=INTERMEDIATE_OUTPUTS)
+            box["result"] = _wait_and_get(ct, dispatch_id)
         except BaseException as exc:  # noqa: BLE001 - reported as the row's error
             box["error"] = f"get_result raised {type(exc).__name__}: {_short(exc, 100)}"
         box["t"] = time.perf_counter()
@@ -496,6 +570,7 @@ def _measure(ct, servers, server, lattice, producer: str, consumer: str, n: int,
     error = None
     result = None
     with PeakRSS(servers, server.pgid, store_pid) as rss:
+        started_epoch = time.time()
         started = time.perf_counter()
         try:
             dispatch_id = ct.dispatch(lattice)(n, seed)
@@ -505,6 +580,12 @@ def _measure(ct, servers, server, lattice, producer: str, consumer: str, n: int,
         else:
             result, finished, error = _get_result(ct, dispatch_id, timeout)
     wall = finished - started
+    timeline: dict = {"dispatch": started_epoch, "done": started_epoch + wall}
+    hooks: list = []
+    if dispatch_id:
+        for mark in _read_jsonl(workdir / "marks.jsonl", dispatch_id):
+            timeline[f"{mark['role']}_{mark['event']}"] = mark["t"]
+        hooks = _read_jsonl(workdir / "timings.jsonl", dispatch_id)
     added = sum(servers.dir_bytes(d) for d in covalent_dirs) - before
     cache_added = sum(servers.dir_bytes(d) for d in cache_dirs) - before_cache
 
@@ -523,6 +604,8 @@ def _measure(ct, servers, server, lattice, producer: str, consumer: str, n: int,
         "upload_s": None,
         "download_s": None,
         "dispatch_id": dispatch_id,
+        "timeline": timeline,
+        "hooks": hooks,
         "error": error,
     }
     if result is not None:
@@ -578,6 +661,127 @@ def _add_ratios(rows: list[dict]) -> None:
         ok = not r.get("error") and r.get("wall_s")
         r["x_faster_than_by_value"] = same[BY_VALUE]["wall_s"] / r["wall_s"] if ok and BY_VALUE in same else None
         r["x_floor"] = r["wall_s"] / same[FLOOR]["wall_s"] if ok and FLOOR in same else None
+
+
+# ------------------------------------------------------------ where the gap goes
+
+# The parts of handoff wall - floor wall, in the report's order: (key, column title).
+GAP_PARTS = (
+    ("imports", "imports"),
+    ("settings", "settings"),
+    ("client", "client construction"),
+    ("hook_overhead", "Covalent hook overhead"),
+    ("hash", "hashing"),
+    ("transfer", "transfer"),
+    ("keep_bounded", "cache trimming"),
+    ("rest", "the rest"),
+)
+# What "the rest" is made of (shown in a second table).
+REST_PARTS = (
+    ("rest_hooks", "inside the hooks, outside a named phase"),
+    ("rest_bodies", "electron bodies, handoff - floor"),
+    ("rest_between", "between the nodes, handoff - floor"),
+)
+
+
+def explain_gap(handoff: dict, floor: dict) -> dict:
+    """Split ``handoff["wall_s"] - floor["wall_s"]`` (one run each, same size) into parts.
+
+    From the electrons' marks (producer/consumer body start and return) and the
+    upload/download hooks' COVALENT_LOT_TIMINGS lines of the handoff's dispatch:
+
+    * imports, settings (+ placeholder resolution), client construction (engine and
+      backend construction + the engine's "connect"), hashing (the engine's "hash"),
+      transfer (the engine's other phases; without engine phases the whole engine
+      call, connect and hashing included), cache trimming (keep_bounded): summed
+      over both hooks;
+    * Covalent hook overhead: producer's return -> upload hook's start, plus
+      download hook's end -> consumer's start (the wrapper unpickling the next call);
+    * the rest: hooks' time outside a named phase (backend close, engine time its
+      phases do not cover, the hook's own bookkeeping), the electron bodies' time
+      minus the floor's, and the time between the nodes minus the floor's (the
+      producer's node finishing, the consumer's being scheduled and its
+      pre-transfer hook);
+    * unaccounted: gap minus all of these = dispatch -> producer start and consumer
+      return -> result fetched, handoff minus floor (no timestamp brackets them).
+
+    Returns {"gap", parts..., "unaccounted", "engine_phases": bool} or {"error": why}.
+    """
+    th, tf = handoff.get("timeline") or {}, floor.get("timeline") or {}
+    marks = ("producer_start", "producer_return", "consumer_start", "consumer_return")
+    missing = [f"{which} {m}" for which, t in (("handoff", th), ("floor", tf)) for m in marks if m not in t]
+    if missing:
+        return {"error": "no electron marks: " + ", ".join(missing)}
+    hooks = {r.get("action"): r for r in handoff.get("hooks") or [] if not r.get("error")}
+    if "upload" not in hooks or "download" not in hooks:
+        return {"error": f"no COVALENT_LOT_TIMINGS line for {', '.join(a for a in ('upload', 'download') if a not in hooks)}"}
+    up, down = hooks["upload"], hooks["download"]
+    both = (up, down)
+
+    def phase(name: str) -> float:
+        return sum(r.get("phases", {}).get(name, 0.0) for r in both)
+
+    def engine(name: str) -> float:
+        return sum(r.get("engine_phases", {}).get(name, 0.0) for r in both)
+
+    reported = any(r.get("engine_phases") for r in both)
+    engine_total = sum(sum(r.get("engine_phases", {}).values()) for r in both)
+    parts = {
+        "imports": phase("load"),
+        "settings": phase("settings") + phase("resolve"),
+        "client": phase("build") + engine("connect"),
+        "hook_overhead": (up["start"] - th["producer_return"]) + (th["consumer_start"] - down["end"]),
+        "hash": engine("hash"),
+        "transfer": (engine_total - engine("connect") - engine("hash")) if reported else phase("engine"),
+        "keep_bounded": phase("keep_bounded"),
+    }
+    named = sum(sum(r.get("phases", {}).values()) for r in both)
+    parts["rest_hooks"] = (sum(r["end"] - r["start"] for r in both) - named + phase("close")
+                           + ((phase("engine") - engine_total) if reported else 0.0))
+    parts["rest_bodies"] = ((th["producer_return"] - th["producer_start"] + th["consumer_return"] - th["consumer_start"])
+                            - (tf["producer_return"] - tf["producer_start"] + tf["consumer_return"] - tf["consumer_start"]))
+    parts["rest_between"] = (down["start"] - up["end"]) - (tf["consumer_start"] - tf["producer_return"])
+    parts["rest"] = parts["rest_hooks"] + parts["rest_bodies"] + parts["rest_between"]
+    gap = handoff["wall_s"] - floor["wall_s"]
+    out = {"gap": gap, **{k: round(v, 4) for k, v in parts.items()}, "engine_phases": reported,
+           "kept": down.get("kept")}
+    out["unaccounted"] = round(gap - sum(parts[k] for k, _ in GAP_PARTS), 4)
+    return out
+
+
+def _add_gaps(rows: list[dict]) -> None:
+    """``gap`` (explain_gap) on every handoff row whose size has a floor row."""
+    for r in rows:
+        if r.get("workflow") != HANDOFF or r.get("error") or not r.get("wall_s"):
+            continue
+        floor = next((x for x in rows if x["workflow"] == FLOOR and x["size_mib"] == r["size_mib"]
+                      and not x.get("error") and x.get("wall_s")), None)
+        r["gap"] = explain_gap(r, floor) if floor else {"error": "no floor row"}
+
+
+def gap_tables(rows: list[dict], size: int) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    """(header, lines) of the gap table at ``size`` (one line per handoff backend), then
+    the same for the split of "the rest"."""
+    def f(x: Any) -> str:
+        return "—" if x is None else f"{x:.2f}"
+
+    head = ["backend", "floor s", "handoff s", "gap s"] + [title + " s" for _, title in GAP_PARTS] + ["unaccounted s"]
+    rest_head = ["backend", "the rest s"] + [title + " s" for _, title in REST_PARTS]
+    lines, rest_lines = [], []
+    floor = next((x for x in rows if x.get("workflow") == FLOOR and x.get("size_mib") == size), None)
+    for r in rows:
+        if r.get("workflow") != HANDOFF or r.get("size_mib") != size:
+            continue
+        g = r.get("gap") or {}
+        if r.get("error") or "error" in g or not g:
+            why = r.get("error") or g.get("error") or "not computed"
+            lines.append([str(r.get("backend")), f(floor and floor.get("wall_s")), f(r.get("wall_s")),
+                          f"— ({_short(why, 80)})"] + [""] * (len(head) - 4))
+            continue
+        lines.append([str(r.get("backend")), f(floor.get("wall_s")), f(r.get("wall_s")), f(g["gap"])]
+                     + [f(g.get(k)) for k, _ in GAP_PARTS] + [f(g.get("unaccounted"))])
+        rest_lines.append([str(r.get("backend")), f(g.get("rest"))] + [f(g.get(k)) for k, _ in REST_PARTS])
+    return head, lines, rest_head, rest_lines
 
 
 # ------------------------------------------------------------------- environment
@@ -668,8 +872,11 @@ def run(sizes_mib: list[int], backends: list[str], workdir: Path, quick: bool,
         for kit in kits.values():
             env_extra.update(kit.env)
         servers.apply_env(env_extra)  # the client builds transfers with these options
+        # Only the server's (so its workers'): the hooks' timings, the electrons' marks.
+        server_env = {**env_extra, TIMINGS_ENV: str(workdir / "timings.jsonl"),
+                      MARKS_ENV: str(workdir / "marks.jsonl")}
 
-        server = servers.CovalentServer(covalent_dir, env_extra=env_extra, port=port)
+        server = servers.CovalentServer(covalent_dir, env_extra=server_env, port=port)
         server.start()
         _log(f"covalent: {server.url} up in {server.start_seconds:.1f} s ({server.workers} dask workers)")
 
@@ -743,6 +950,7 @@ def run(sizes_mib: list[int], backends: list[str], workdir: Path, quick: bool,
                     rows.append({**base, "wall_s": None, "worker_rss_mib": None, "client_rss_mib": None,
                                  "added_mib": None, "tree_rss_mib": None, "error": error})
             _add_ratios(rows)
+            _add_gaps(rows)
         _log(f"done in {time.monotonic() - t_total:.0f} s")
         return rows
     finally:
@@ -836,6 +1044,12 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"2 dask workers, one machine), {reps}; "
           f"get_result(wait=True, intermediate_outputs={INTERMEDIATE_OUTPUTS}); total {elapsed:.0f} s\n")
     print(markdown(rows))
+    for size in sorted({r["size_mib"] for r in rows if r.get("workflow") == HANDOFF}):
+        head, lines, rest_head, rest_lines = gap_tables(rows, size)
+        print(f"\nwhere the handoff's time over the floor goes, {size} MiB (seconds):\n")
+        for h, ls in ((head, lines), (rest_head, rest_lines)):
+            print("| " + " | ".join(h) + " |\n|" + "---|" * len(h))
+            print("\n".join("| " + " | ".join(x) + " |" for x in ls) + "\n")
     print("\nseed scenario user code (bench/e2e.py SEED_CODE; imports, decorators and functions, blank "
           "lines not counted):\n")
     print(code_markdown())

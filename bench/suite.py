@@ -1,26 +1,35 @@
 #!/usr/bin/env python
 """covalent-lot benchmark suite: `make bench` (full) or `make bench QUICK=1`.
 
-Per backend (s3, gcs, azure, sftp), on real servers started here on 127.0.0.1
-through the integration kits (SeaweedFS, fake-gcs-server, Azurite, OpenSSH sshd):
+Checks the targets of issue 16 in one run (report "## Targets"). Per backend
+(s3, gcs, azure, sftp), on real servers started here on 127.0.0.1 through the
+integration kits (SeaweedFS, fake-gcs-server, Azurite, OpenSSH sshd):
 
-1. one file of each size, up and down: covalent-lot vs the plain SDK with the
-   same settings (for SFTP: OpenSSH sftp, scp, paramiko) vs Covalent's own
-   strategy; MiB/s (median of --rounds after a warm-up), ratio to the plain SDK,
-   the child's peak RSS above its baseline after imports, sha256 of what arrived;
-2. a folder of small files: covalent-lot folder put/get vs the SDK's per-file loop;
-3. end to end through a private Covalent server (bench/e2e.py, if present):
-   by value, handoff and ``@lot.offload`` per backend, the local-path floor;
-4. the compression trade-off of ``@lot.offload`` (bench/compression.py):
-   compress=False/True/"auto" on three payloads, S3 and SFTP, no Covalent server.
+1. one file of each size (full: 512 MiB and 1 GiB), up and down: covalent-lot vs
+   the plain SDK with the same settings (for SFTP: OpenSSH sftp with covalent-lot's
+   cipher, aes128-gcm) vs Covalent's own strategy (for SFTP: Rsync, same cipher);
+   MiB/s (median of --rounds after a warm-up), ratios to both, the child's peak
+   RSS above its baseline after imports, sha256 of what arrived;
+2. a folder of small files (full: 1000 x 64 KiB): covalent-lot folder put/get vs
+   the SDK's per-file loop;
+3. end to end through a private Covalent server (bench/e2e.py): by value,
+   handoff and ``@lot.offload`` per backend, the local-path floor, and where the
+   handoff's extra time over the floor goes (per-hook timings, COVALENT_LOT_TIMINGS).
+
+Not part of `make bench` (their last results are kept in the report from
+OUT/latest.json): the compression trade-off of ``@lot.offload``
+(bench/compression.py; `make bench-compression`, i.e. ``--compression-only``, or
+``--with-compression``) and the seed scenario across hosts (bench/remote.py;
+`make bench-remote`, its own remote.md).
 
 Every transfer runs in a fresh child process, one at a time (2-core machine).
 Writes bench/results/latest.md, latest.json, throughput.png, e2e.png (and
-compression.md/json/png) and prints the markdown.
+compression.md/json/png when that part runs) and prints the markdown.
 
-    python -m bench.suite [--quick] [--backends s3,gcs,azure,sftp] [--sizes 16,64,256,1024]
-                          [--rounds N] [--small-files N] [--e2e-sizes 16,64,256,512] [--skip-e2e]
-                          [--skip-compression] [--compression-mib N] [--compression-rounds N]
+    python -m bench.suite [--quick] [--backends s3,gcs,azure,sftp] [--sizes 512,1024]
+                          [--rounds N] [--small-files N] [--e2e-sizes 64,512] [--skip-e2e]
+                          [--extra-tools sftp-default,scp,paramiko] [--with-compression]
+                          [--compression-mib N] [--compression-rounds N]
                           [--e2e-only | --compression-only]
 """
 
@@ -48,7 +57,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 BACKENDS = tuple(_kits.KIT_CLASSES)
-FULL = {"sizes": [16, 64, 256, 1024], "rounds": 3, "small_files": 1000, "e2e_sizes": [16, 64, 256, 512],
+# Full mode: the sizes issue 16's targets name (512 MiB, 1 GiB), 3 rounds; about 35 min
+# on the 2-core machine (throughput ~25, small files ~4, end to end ~6).
+FULL = {"sizes": [512, 1024], "rounds": 3, "small_files": 1000, "e2e_sizes": [64, 512],
         "compression_mib": 256, "compression_rounds": 3}
 QUICK = {"sizes": [16, 64], "rounds": 1, "small_files": 200, "e2e_sizes": [16, 64],
          "compression_mib": 64, "compression_rounds": 1}
@@ -80,16 +91,17 @@ def make_kit(name: str):
 
 
 def write_ssh_config(kit, work: Path) -> Path:
-    """Covalent's Rsync has no port option and ssh reads ~/.ssh/config from the
-    passwd home, not $HOME: its children get an ``ssh`` first on PATH that adds
-    ``-F`` with this run's port and known_hosts. Returns that directory."""
+    """Covalent's Rsync has no port or cipher option and ssh reads ~/.ssh/config from
+    the passwd home, not $HOME: its children get an ``ssh`` first on PATH that adds
+    ``-F`` with this run's port, known_hosts and covalent-lot's cipher (aes128-gcm,
+    as the OpenSSH sftp row gets with -c). Returns that directory."""
     ssh_dir = work / "ssh"
     (ssh_dir / "bin").mkdir(parents=True, exist_ok=True)
     config = ssh_dir / "config"
     config.write_text(
         f"Host 127.0.0.1\n  Port {kit.server.port}\n  UserKnownHostsFile {kit.known_hosts}\n"
         "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  BatchMode yes\n"
-        "  IdentitiesOnly yes\n"
+        f"  IdentitiesOnly yes\n  Ciphers {throughput.SSH_CIPHER}\n"
     )
     config.chmod(0o600)
     wrapper = ssh_dir / "bin" / "ssh"
@@ -116,11 +128,12 @@ def run_backend(name: str, args, work: Path, sources: dict, warm_file: Path | No
             b.ssh_bin = write_ssh_config(kit, scratch)
         log(f"[{name}] server up in {time.monotonic() - started:.1f}s; {len(args.sizes)} sizes x "
             f"{args.rounds} round(s)")
-        rows = throughput.measure_backend(b, args.sizes, sources, args.rounds, log, warm_file=warm_file)
+        rows = throughput.measure_backend(b, args.sizes, sources, args.rounds, log, warm_file=warm_file,
+                                          extra_tools=args.extra_tools)
         small = []
         if args.small_files > 0:
             small = throughput.measure_small_files(b, args.small_files, SMALL_FILE_KIB, args.rounds, log)
-        info["probes"] = throughput.probe_correctness(b, log)
+        info["probes"] = throughput.probe_correctness(b, log, extra_tools=args.extra_tools)
         info["seconds"] = time.monotonic() - started
         return rows, small, info
     finally:
@@ -181,6 +194,19 @@ def run_compression(args, backends: list[str], work: Path) -> tuple[dict, str | 
         shutil.rmtree(work / "compression", ignore_errors=True)
 
 
+def _previous_part(out: Path, part: str) -> dict | None:
+    """``part``'s results, the settings and the date of OUT/latest.json, or None."""
+    import json
+
+    try:
+        previous = json.loads((out / "latest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not previous.get(part):
+        return None
+    return {part: previous[part], "settings": previous.get("settings", {}), "date": previous.get("date", "?")}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="sizes 16,64; 200 small files; 1 round")
@@ -192,7 +218,13 @@ def main() -> int:
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--e2e-only", action="store_true",
                         help="run only the end-to-end part; keep the other tables of OUT/latest.json")
-    parser.add_argument("--skip-compression", action="store_true")
+    parser.add_argument("--extra-tools", default="",
+                        help="tools no target needs, comma-separated: "
+                             + ", ".join(t for ts in throughput.EXTRA_TOOLS.values() for t in ts))
+    parser.add_argument("--with-compression", action="store_true",
+                        help="also run the offload compression part (make bench-compression runs it alone)")
+    parser.add_argument("--skip-compression", action="store_true",
+                        help="the default now (kept so that older command lines still run)")
     parser.add_argument("--compression-only", action="store_true",
                         help="run only the offload compression part; keep the other tables of OUT/latest.json")
     parser.add_argument("--compression-mib", type=int, help="payload size (full 256, quick 64)")
@@ -208,6 +240,12 @@ def main() -> int:
     args.e2e_sizes = args.e2e_sizes or mode["e2e_sizes"]
     args.compression_mib = args.compression_mib or mode["compression_mib"]
     args.compression_rounds = args.compression_rounds or mode["compression_rounds"]
+    args.extra_tools = tuple(t.strip() for t in args.extra_tools.split(",") if t.strip())
+    known_extra = {t for ts in throughput.EXTRA_TOOLS.values() for t in ts}
+    if set(args.extra_tools) - known_extra:
+        parser.error(f"unknown --extra-tools {sorted(set(args.extra_tools) - known_extra)}; known: "
+                     f"{', '.join(sorted(known_extra))}")
+    run_compression_here = args.with_compression and not args.skip_compression
     if args.e2e_only and args.compression_only:
         parser.error("--e2e-only and --compression-only exclude each other")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -225,7 +263,8 @@ def main() -> int:
             "mode": "quick" if args.quick else "full", "backends": backends, "sizes_mib": args.sizes,
             "rounds": args.rounds, "small_files": args.small_files, "small_file_kib": SMALL_FILE_KIB,
             "e2e_sizes_mib": [] if args.skip_e2e else args.e2e_sizes,
-            "compression_mib": None if args.skip_compression else args.compression_mib,
+            "compression_mib": args.compression_mib if run_compression_here else None,
+            "extra_tools": list(args.extra_tools),
         },
         "lot_settings": {}, "builtin_notes": throughput.BUILTIN_NOTES,
         "throughput": [], "small_files": [], "probes": [], "e2e": [], "e2e_code": {}, "compression": {},
@@ -253,6 +292,16 @@ def main() -> int:
         for key in ("loadavg_start", "loadavg_end"):  # of the run whose tables are kept
             if key in previous.get("machine", {}):
                 results["machine"][key] = previous["machine"][key]
+    elif not run_compression_here:
+        # The compression part has its own make target: keep its last tables (and when
+        # and how they were measured) from OUT/latest.json.
+        kept = _previous_part(args.out, "compression")
+        if kept:
+            results["compression"] = kept["compression"]
+            for key in ("compression_mib", "compression_date", "compression_run_seconds", "compression_loadavg"):
+                if key in kept["settings"]:
+                    results["settings"][key] = kept["settings"][key]
+            results["settings"].setdefault("compression_date", kept["date"])
     try:
         if only == "e2e":
             log(f"[e2e] sizes {args.e2e_sizes} MiB, backends {backends}")
@@ -304,7 +353,8 @@ def main() -> int:
             results["e2e"], results["e2e_code"] = rows, e2e_code()
             if error:
                 results["errors"]["e2e"] = error
-        if not args.skip_compression:
+        if run_compression_here:
+            results["settings"]["compression_date"] = results["date"]
             results["compression"], error = run_compression(args, backends, work)
             if error:
                 results["errors"]["compression"] = error
@@ -326,7 +376,7 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
         print(markdown)
         log(f"wrote {args.out}/latest.md, latest.json, throughput.png, e2e.png"
-            + (", compression.md/json/png" if results.get("compression") else "")
+            + (", compression.md/json/png" if (run_compression_here or only == "compression") else "")
             + f" in {elapsed:.0f}s")
     return 0
 

@@ -8,9 +8,13 @@ hands it a started integration kit. For every size it times, per direction,
 * the plain SDK with the same tuned settings (boto3 ``upload_file`` /
   ``download_file``; google-cloud-storage chunked upload / ``download_to_filename``;
   azure-storage-blob ``upload_blob`` / ``download_blob(max_concurrency).readinto``),
-  or for SFTP the OpenSSH ``sftp`` and ``scp`` clients and paramiko ``put``/``get``;
+  or for SFTP the OpenSSH ``sftp`` client with the cipher covalent-lot prefers
+  (``-c aes128-gcm@openssh.com``);
 * Covalent's own strategy for the backend (``covalent.fs_strategies``), its
-  callable run the way an executor runs it.
+  callable run the way an executor runs it (for SFTP: ``Rsync``, whose ssh gets the
+  same cipher from the bench's ssh config);
+* on request (``EXTRA_TOOLS``; no target needs them): for SFTP OpenSSH ``sftp``
+  with its default cipher, ``scp`` and paramiko ``put``/``get``.
 
 The child side (``python bench/throughput.py --child SPEC``) imports what its
 tool needs, records VmHWM (the baseline after imports), runs the transfer
@@ -36,14 +40,21 @@ MiB = 1 << 20
 HERE = Path(__file__).resolve().parent
 CHILD_TIMEOUT = 1800  # seconds; a 1 GiB transfer at 5 MiB/s still fits
 
+# The cipher covalent-lot's SFTP transports prefer; the SSH peers get it too, so the
+# comparison is of the transfer code, not of the cipher.
+SSH_CIPHER = "aes128-gcm@openssh.com"
+
 # Tools per backend, in the order they run. The first is covalent-lot, the second
-# the baseline that ratios are computed against.
+# the baseline that ratios are computed against, the third Covalent's own strategy.
 TOOLS: dict[str, list[str]] = {
     "s3": ["lot", "sdk", "builtin"],
     "gcs": ["lot", "sdk", "builtin"],
     "azure": ["lot", "sdk", "builtin"],
-    "sftp": ["lot", "sdk", "scp", "paramiko", "builtin"],
+    "sftp": ["lot", "sdk", "builtin"],
 }
+# Run only when asked (bench/suite.py --extra-tools): no target compares against them,
+# and at 512 MiB-1 GiB x 3 rounds each costs about a minute.
+EXTRA_TOOLS: dict[str, list[str]] = {"sftp": ["sftp-default", "scp", "paramiko"]}
 
 TOOL_LABELS: dict[tuple[str, str], str] = {
     ("s3", "lot"): "covalent-lot",
@@ -56,10 +67,11 @@ TOOL_LABELS: dict[tuple[str, str], str] = {
     ("azure", "sdk"): "azure-storage-blob",
     ("azure", "builtin"): "Covalent Blob (client swapped for Azurite)",
     ("sftp", "lot"): "covalent-lot",
-    ("sftp", "sdk"): "OpenSSH sftp",
-    ("sftp", "scp"): "OpenSSH scp",
+    ("sftp", "sdk"): "OpenSSH sftp (aes128-gcm)",
+    ("sftp", "builtin"): "Covalent Rsync (aes128-gcm)",
+    ("sftp", "sftp-default"): "OpenSSH sftp (default cipher)",
+    ("sftp", "scp"): "OpenSSH scp (default cipher)",
     ("sftp", "paramiko"): "paramiko put/get",
-    ("sftp", "builtin"): "Covalent Rsync",
 }
 
 # What each of Covalent's own strategies needed to run here, or why it could not.
@@ -75,8 +87,9 @@ BUILTIN_NOTES: dict[str, str] = {
               "_get_blob_service_client replaced by a connection-string client for Azurite, "
               "transfer code unchanged: upload_blob with default concurrency, download via "
               "readall() (whole blob in memory) written in place (not atomic); no checksum"),
-    "sftp": ("Rsync() shells out to `rsync -ae ssh` (shell=True; no port option, so the port and "
-             "known_hosts come from an ssh wrapper first on PATH that adds -F with this run's config)"),
+    "sftp": ("Rsync() shells out to `rsync -ae \"ssh -i KEY\"` (shell=True; no port or cipher option, so "
+             "the port, known_hosts and `Ciphers aes128-gcm@openssh.com` come from an ssh wrapper first on "
+             "PATH that adds -F with this run's config); rsync's own whole-file checksum, no checksum stored"),
 }
 
 
@@ -269,9 +282,10 @@ def _prepare_single(spec: dict) -> Callable[[], Any]:
     # sftp
     remote = spec["remote_path"]
     target = f"{spec['user']}@{spec['host']}"
-    if tool == "sdk":  # OpenSSH sftp, default cipher
+    if tool in ("sdk", "sftp-default"):  # OpenSSH sftp: covalent-lot's cipher, or its default
         batch = f"put {path} {remote}\n" if up else f"get {remote} {path}\n"
-        args = ["sftp", "-q", "-b", "-", "-P", str(spec["port"]), *_ssh_options(spec), target]
+        cipher = ["-c", SSH_CIPHER] if tool == "sdk" else []
+        args = ["sftp", "-q", "-b", "-", "-P", str(spec["port"]), *cipher, *_ssh_options(spec), target]
         return lambda: _run_cli(args, stdin=batch)
     if tool == "scp":
         a, b = (path, f"{target}:{remote}") if up else (f"{target}:{remote}", path)
@@ -412,16 +426,53 @@ def _folder_sdk(spec: dict) -> Callable[[], Any]:
     return run
 
 
+def is_cli(backend: str, tool: str) -> bool:
+    """Whether the tool is a command-line client (its memory: its process tree's)."""
+    return tool in ("scp", "sftp-default") or (backend == "sftp" and tool in ("sdk", "builtin"))
+
+
+def _sample_children(stop) -> None:
+    """Peak RSS of this process's descendants (e.g. Rsync's shell, rsync and ssh) into
+    _CLI_PEAK_MIB, every 20 ms until ``stop`` is set."""
+    import psutil
+
+    me = psutil.Process()
+    while not stop.is_set():
+        total = 0
+        try:
+            for p in me.children(recursive=True):
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        _CLI_PEAK_MIB[0] = max(_CLI_PEAK_MIB[0], total / MiB)
+        stop.wait(0.02)
+
+
 def child_main(spec: dict) -> dict:
     if spec.get("folder") and spec["tool"] == "sdk":
         run = _folder_sdk(spec)
     else:
         run = _prepare_single(spec)
+    sampler = None
+    if is_cli(spec["backend"], spec["tool"]) and spec["tool"] == "builtin":
+        import threading  # Rsync runs its command itself: sample its children from here
+
+        stop = threading.Event()
+        sampler = threading.Thread(target=_sample_children, args=(stop,), daemon=True)
+        sampler.start()
     base = _high_water_mib()
     started = time.perf_counter()
-    run()
+    try:
+        run()
+    finally:
+        if sampler is not None:
+            stop.set()
+            sampler.join()
     seconds = time.perf_counter() - started
-    cli = spec["tool"] in ("scp",) or (spec["backend"] == "sftp" and spec["tool"] in ("sdk", "builtin"))
+    cli = is_cli(spec["backend"], spec["tool"])
     # A CLI tool's memory is its own process tree's, sampled, absolute.
     peak = _CLI_PEAK_MIB[0] if cli else _high_water_mib()
     return {"seconds": seconds, "base_mib": 0.0 if cli else base, "peak_mib": peak, "cli": cli}
@@ -539,10 +590,12 @@ def builtin_unavailable(backend: str) -> Optional[str]:
 
 
 def measure_backend(b: Backend, sizes: list[int], sources: dict[int, tuple[Path, str]], rounds: int,
-                    log: Callable[[str], None], warm_file: Optional[Path] = None) -> list[dict]:
-    """Rows: one per (size, direction, tool), median of ``rounds`` after a warm-up."""
+                    log: Callable[[str], None], warm_file: Optional[Path] = None,
+                    extra_tools: tuple[str, ...] = ()) -> list[dict]:
+    """Rows: one per (size, direction, tool), median of ``rounds`` after a warm-up.
+    ``extra_tools``: those of EXTRA_TOOLS[backend] to run as well."""
     rows: list[dict] = []
-    tools = TOOLS[b.name]
+    tools = TOOLS[b.name] + [t for t in EXTRA_TOOLS.get(b.name, []) if t in extra_tools]
     for size in sizes:
         source, digest = sources[size]
         free = shutil.disk_usage(b.scratch).free
@@ -669,10 +722,26 @@ def _verify_upload(b: Backend, bucket: str, key: str, digest: str) -> Optional[b
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    base = {(r["backend"], r["size_mib"], r["direction"]): r["mib_s"] for r in rows if r["tool"] == "sdk"}
+    """``ratio`` to the plain SDK, ``ratio_builtin`` to Covalent's own strategy and, for
+    SFTP, ``ratio_peer`` to the faster of the two SSH peers (OpenSSH sftp, Rsync) and
+    ``peer`` (its tool) - per backend, size and direction."""
+    def speeds(tool: str) -> dict:
+        return {(r["backend"], r["size_mib"], r["direction"]): r["mib_s"] for r in rows if r["tool"] == tool}
+
+    sdk, builtin = speeds("sdk"), speeds("builtin")
     for r in rows:
-        ref = base.get((r["backend"], r["size_mib"], r["direction"]))
+        k = (r["backend"], r["size_mib"], r["direction"])
+        ref, own = sdk.get(k), builtin.get(k)
         r["ratio"] = r["mib_s"] / ref if (r["mib_s"] and ref) else None
+        r["ratio_builtin"] = r["mib_s"] / own if (r["mib_s"] and own) else None
+        if r["backend"] == "sftp":
+            # The fastest peer; one that failed (no rsync) leaves the other, none leaves None.
+            peers = [(v, t) for v, t in ((ref, "sdk"), (own, "builtin")) if v]
+            if peers:
+                fastest, r["peer"] = max(peers)
+                r["ratio_peer"] = r["mib_s"] / fastest if r["mib_s"] else None
+            else:
+                r["peer"], r["ratio_peer"] = None, None
 
 
 def measure_small_files(b: Backend, count: int, file_kib: int, rounds: int,
@@ -738,7 +807,7 @@ def measure_small_files(b: Backend, count: int, file_kib: int, rounds: int,
     return rows
 
 
-def probe_correctness(b: Backend, log: Callable[[str], None]) -> list[dict]:
+def probe_correctness(b: Backend, log: Callable[[str], None], extra_tools: tuple[str, ...] = ()) -> list[dict]:
     """Two small, untimed checks per download tool (1 MiB objects):
 
     * missing object: download a key that does not exist onto an existing local
@@ -755,7 +824,7 @@ def probe_correctness(b: Backend, log: Callable[[str], None]) -> list[dict]:
         write_random(other, 1)
         seeded = "error" not in run_child(b.spec("sdk", "up", bucket, "probe.bin", src))
         seeded = seeded and "error" not in run_child(b.spec("sdk", "up", bucket, "probe.bin.old", other))
-        for tool in TOOLS[b.name]:
+        for tool in TOOLS[b.name] + [t for t in EXTRA_TOOLS.get(b.name, []) if t in extra_tools]:
             row = {"backend": b.name, "tool": tool, "label": TOOL_LABELS[(b.name, tool)]}
             unavailable = builtin_unavailable(b.name) if tool == "builtin" else None
             if unavailable:
