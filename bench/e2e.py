@@ -702,7 +702,8 @@ def explain_gap(handoff: dict, floor: dict) -> dict:
       minus the floor's, and the time between the nodes minus the floor's (the
       producer's node finishing, the consumer's being scheduled and its
       pre-transfer hook);
-    * unaccounted: gap minus all of these = dispatch -> producer start and consumer
+    * unaccounted: gap minus all of these = dispatch -> producer start (the upload's
+      pre-transfer hook, which makes the local folder, included) and consumer
       return -> result fetched, handoff minus floor (no timestamp brackets them).
 
     Returns {"gap", parts..., "unaccounted", "engine_phases": bool} or {"error": why}.

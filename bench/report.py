@@ -367,14 +367,16 @@ def gap_section(e2e: list[dict]) -> list[str]:
              "`connect`; *Covalent hook overhead* = producer's return -> upload hook's start + download hook's end "
              "-> consumer's start; *hashing* = the engine's `hash`; *transfer* = the engine's other phases; *cache "
              "trimming* = keep_bounded; *the rest* = split in the second table; *unaccounted* = the gap minus all "
-             "of these: dispatch -> producer start and consumer return -> result fetched (no timestamp brackets "
-             "them), handoff minus floor.", ""]
+             "of these: dispatch -> producer start (the upload's pre-transfer hook included) and consumer return "
+             "-> result fetched (no timestamp brackets them), handoff minus floor.", ""]
     if not any((r.get("gap") or {}).get("engine_phases") for r in e2e if r.get("size_mib") == size):
         parts += ["The engine reported no phases (`TransferStats.phases`) in this run: *transfer* is the whole "
                   "engine call, client connect and hashing included; *client construction* only the "
                   "engine and backend construction.", ""]
     parts.append(_table(head, lines, ["---"] + ["---:"] * (len(head) - 1)))
     if rest_lines:
+        parts += ["", "Engine phases that run at the same time (hashing while bytes are sent) add up to more than "
+                  "the engine's wall time: then *inside the hooks* is negative by the overlap."]
         parts += ["", "*the rest*, split:", "", _table(rest_head, rest_lines, ["---"] + ["---:"] * (len(rest_head) - 1))]
     parts.append("")
     return parts
@@ -424,7 +426,8 @@ def markdown(results: dict) -> str:
         *([f"- re-runs merged in: {s['rerun']}"] if s.get("rerun") else []),
         "- every transfer runs alone in a fresh child process (`bench/throughput.py --child`); SDK "
         "clients are built inside the timed part; MiB/s = size / wall time of the transfer call",
-        "- peak RSS = the child's VmHWM minus its VmHWM after imports (the most of the rounds); "
+        "- peak RSS = the child's VmHWM minus its VmHWM after imports (the tool's SDK; for covalent-lot "
+        "over SFTP paramiko and the transport in use, asyncssh by default) (the most of the rounds); "
         "for command-line clients (OpenSSH sftp/scp, rsync, marked †) the peak RSS of the client's "
         "process tree (e.g. sftp + ssh), sampled every 20 ms, absolute",
         "- correct? = sha256 of the downloaded file equals the source's (every round); for uploads, "
@@ -512,6 +515,9 @@ def markdown(results: dict) -> str:
     parts += ["## End to end through Covalent (bench/e2e.py)", ""]
     if e2e:
         parts += ["The seed scenario (producer makes a random float64 array, consumer sums it) per workflow; "
+                  "*wall* = `ct.dispatch` until a status poll (every 0.1 s) sees the dispatch finished and "
+                  "`ct.get_result` has returned (Covalent's own `wait=True` polls once a second); the faster "
+                  "of the runs per row. "
                   "*x faster than by value* = by value's wall / this wall, *x floor* = this wall / the local "
                   "path's (same size). *offload*: `@lot.offload` under both `@ct.electron`s, "
                   "`compress=\"auto\"` (random floats are stored uncompressed); on one machine the consumer "

@@ -228,8 +228,17 @@ def _prepare_single(spec: dict) -> Callable[[], Any]:
         strategy = covalent_lot.strategy_for(spec["uri"])  # options from the environment
         import importlib
 
+        # The SDK the transfer will use, imported before the baseline as for the other tools
+        # (SFTP: paramiko, and asyncssh too when it is the transport, as by default).
         importlib.import_module({"s3": "boto3", "gcs": "google.cloud.storage",
                                  "azure": "azure.storage.blob", "sftp": "paramiko"}[backend])
+        if backend == "sftp":
+            try:
+                from covalent_lot.strategies._sftp_wire import chosen_transport
+
+                importlib.import_module(chosen_transport(strategy.settings["transport"]))
+            except (ImportError, AttributeError, KeyError):
+                pass
         return (lambda: strategy.put(path, spec["uri"])) if up else (lambda: strategy.get(spec["uri"], path))
 
     if tool == "builtin":
