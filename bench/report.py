@@ -375,8 +375,9 @@ def gap_section(e2e: list[dict]) -> list[str]:
                   "engine and backend construction.", ""]
     parts.append(_table(head, lines, ["---"] + ["---:"] * (len(head) - 1)))
     if rest_lines:
-        parts += ["", "Engine phases that run at the same time (hashing while bytes are sent) add up to more than "
-                  "the engine's wall time: then *inside the hooks* is negative by the overlap."]
+        parts += ["", "Phases the engine marks as running alongside another (the checksum computed while the "
+                  "bytes are sent) are shown apart and not summed; should other engine phases overlap, "
+                  "*inside the hooks* turns negative by the overlap."]
         parts += ["", "*the rest*, split:", "", _table(rest_head, rest_lines, ["---"] + ["---:"] * (len(rest_head) - 1))]
     parts.append("")
     return parts
