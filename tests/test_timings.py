@@ -127,3 +127,40 @@ def test_nothing_is_written_without_the_variable(context, tmp_path, monkeypatch,
             f.write(b"z")
         assert call_up().files == 1
     assert made == []
+
+
+def test_bench_gap_parts_add_up_to_the_gap():
+    """bench/e2e.py's split of handoff wall - floor wall: named parts + unaccounted = gap;
+    a phase run alongside another is shown, not summed."""
+    from bench import e2e
+
+    floor = {"workflow": e2e.FLOOR, "size_mib": 512, "backend": None, "wall_s": 4.0,
+             "timeline": {"producer_start": 100.5, "producer_return": 101.5,
+                          "consumer_start": 102.0, "consumer_return": 102.8}}
+    phases = {"load": 0.01, "settings": 0.02, "resolve": 0.001, "build": 0.05, "close": 0.01, "keep_bounded": 0.05}
+    handoff = {"workflow": e2e.HANDOFF, "size_mib": 512, "backend": "s3", "wall_s": 8.0,
+               "timeline": {"producer_start": 200.5, "producer_return": 201.6,
+                            "consumer_start": 206.0, "consumer_return": 206.8},
+               "hooks": [{"action": "upload", "start": 201.7, "end": 204.7, "phases": {**phases, "engine": 2.8},
+                          "engine_phases": {"connect": 0.1, "transfer": 2.6, "hash (alongside)": 1.0}},
+                         {"action": "download", "start": 205.0, "end": 205.9, "phases": {**phases, "engine": 0.7},
+                          "engine_phases": {"hash": 0.65}}]}
+    rows = [floor, handoff]
+    e2e._add_gaps(rows)
+    gap = handoff["gap"]
+    assert gap["gap"] == pytest.approx(4.0)
+    assert sum(gap[k] for k, _ in e2e.GAP_PARTS) + gap["unaccounted"] == pytest.approx(4.0)
+    assert gap["rest"] == pytest.approx(gap["rest_hooks"] + gap["rest_bodies"] + gap["rest_between"])
+    assert gap["hash"] == pytest.approx(0.65) and gap["alongside"] == pytest.approx(1.0)
+    assert gap["transfer"] == pytest.approx(2.6) and gap["client"] == pytest.approx(0.2)
+    assert gap["hook_overhead"] == pytest.approx((201.7 - 201.6) + (206.0 - 205.9))
+    head, lines, _, _ = e2e.gap_tables(rows, 512)
+    assert lines[0][:4] == ["s3", "4.00", "8.00", "4.00"] and len(lines[0]) == len(head)
+
+
+def test_bench_gap_without_hook_timings_says_why():
+    from bench import e2e
+
+    marks = {"producer_start": 1.0, "producer_return": 2.0, "consumer_start": 3.0, "consumer_return": 4.0}
+    gap = e2e.explain_gap({"wall_s": 5.0, "timeline": marks, "hooks": []}, {"wall_s": 4.0, "timeline": marks})
+    assert "COVALENT_LOT_TIMINGS" in gap["error"]
