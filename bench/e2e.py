@@ -619,6 +619,10 @@ def _measure(ct, servers, server, lattice, producer: str, consumer: str, n: int,
         row["producer_s"], row["consumer_s"] = prod.get("seconds"), cons.get("seconds")
         row["upload_s"] = _transfer_seconds(prod.get("stderr", ""), "upload")
         row["download_s"] = _transfer_seconds(cons.get("stderr", ""), "download")
+        for action in ("upload", "download"):  # no INFO line (logging configured otherwise): the hook's
+            seconds = [h["engine_seconds"] for h in hooks if h.get("action") == action and "engine_seconds" in h]
+            if row[f"{action}_s"] is None and seconds:
+                row[f"{action}_s"] = sum(seconds)
         status = str(result.status)
         if status != "COMPLETED":
             tails = [n.get("stderr", "").strip().splitlines()[-1:] for n in (prod, cons)]
