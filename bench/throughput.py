@@ -427,7 +427,7 @@ def _folder_sdk(spec: dict) -> Callable[[], Any]:
                 return
             os.makedirs(folder, exist_ok=True)
             for name in sftp.listdir(remote):
-                if name.endswith(".lot-sha256"):
+                if name.endswith((".lot-crc32c", ".lot-sha256")):
                     continue
                 sftp.get(f"{remote}/{name}", os.path.join(folder, name))
         finally:
@@ -543,7 +543,7 @@ def sha256_tree(root: os.PathLike | str) -> str:
     """Digest of a folder: sorted relative names and each file's sha256 (sidecars skipped)."""
     h = hashlib.sha256()
     root = Path(root)
-    for p in sorted(q for q in root.rglob("*") if q.is_file() and not q.name.endswith(".lot-sha256")):
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and not q.name.endswith((".lot-crc32c", ".lot-sha256"))):
         h.update(str(p.relative_to(root)).encode() + b"\0" + sha256_file(p).encode() + b"\n")
     return h.hexdigest()
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
+from ._checksum import Checksum
 from ._errors import ChecksumMismatchError, Classified, MissingBucket, builtin_verdict, exception_chain
 from ._retry import RetryPolicy
 from ._stream import VerifyingSink
@@ -38,9 +40,15 @@ class RemoteObject:
 
     location: StoreURI
     size: int
-    sha256: str | None = None  # as stored with the object by covalent-lot
+    checksum: Checksum | None = None  # as stored with the object by covalent-lot (lot-crc32c, lot-sha256)
     version: str | None = None  # ETag/generation: lets a download notice a concurrent change
     modified: float | None = None  # last modification, seconds since the epoch
+
+    @property
+    def sha256(self) -> str | None:
+        """The stored sha256, if that is the object's checksum."""
+        c = self.checksum
+        return c.value if c is not None and c.algorithm == "sha256" else None
 
 
 class Backend(ABC):
@@ -61,6 +69,7 @@ class Backend(ABC):
         self._client_lock = threading.Lock()
         # Called with a byte count as an upload's bytes are sent (any thread); set by the engine.
         self.progress: Callable[[int], None] | None = None
+        self.connect_seconds = 0.0  # how long connect() took (resolving credentials, the SDK client)
 
     def connect(self) -> Any:
         """Make the SDK client: resolve credentials, open sessions. Override."""
@@ -76,7 +85,9 @@ class Backend(ABC):
         if self._client is None:
             with self._client_lock:
                 if self._client is None:
+                    began = time.perf_counter()
                     self._client = self.connect()
+                    self.connect_seconds = time.perf_counter() - began
         return self._client
 
     def check_credentials(self) -> None:
@@ -102,10 +113,11 @@ class Backend(ABC):
 
     @abstractmethod
     def put_file(self, local_path: str, location: StoreURI, size: int,
-                 digest: Callable[[], str | None]) -> None:
-        """Stream a local file to ``location`` with its sha256 stored with it.
+                 digest: Callable[[], Checksum | None]) -> None:
+        """Stream a local file to ``location`` with its checksum stored with it.
 
-        ``digest()`` returns the hex digest (None when checksums are off); for
+        ``digest()`` returns the :class:`~covalent_lot._checksum.Checksum` to store
+        as metadata ``digest().key`` (None when checksums are off); for
         ``checksum_after_upload`` backends it waits for the hash that runs
         alongside the upload, so call it only when the bytes are sent. Must
         never leave a partial object visible under ``location``; report bytes
@@ -118,7 +130,7 @@ class Backend(ABC):
         (any write order); return what was read.
 
         ``start`` > 0 resumes a failed attempt (then ``obj.version`` pins the
-        read to the same version). The returned object's ``sha256`` is the
+        read to the same version). The returned object's ``checksum`` is the
         stored checksum as seen by the read itself (it may be None if ``obj``
         came from a listing), its ``size`` the whole object's.
         """

@@ -198,11 +198,17 @@ COMMON_OPTIONS: dict[str, Option] = {
         "most bytes of verified local copies kept in staging_dir; beyond it the least recently "
         "used ones that no electron holds are removed after each transfer", 0,
     ),
-    "verify": Option("bool", True, "store and verify sha256 checksums"),
+    "verify": Option("bool", True, "store a checksum with every upload and verify every download"),
+    "checksum": Option(
+        "str", "crc32c",
+        "what uploads store: crc32c (fast, checked per range as a download arrives) or sha256 "
+        "(what sha256sum prints); objects stored with either are verified whatever this says",
+        choices=("crc32c", "sha256"),
+    ),
     "max_files": Option("int", 8, "files moved at once in a folder transfer", 1),
     "reuse_local": Option(
         "bool", True,
-        "skip a download when the local file already holds the stored sha256's bytes (recorded "
+        "skip a download when the local file already holds the stored checksum's bytes (recorded "
         "when this machine uploaded or verified it, unchanged since)",
     ),
     "fsync": Option(
@@ -241,6 +247,11 @@ class Settings(Mapping[str, Any]):
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self._values)
+
+    def replace(self, origin: str, **values: Any) -> "Settings":
+        """These settings with ``values`` set (their source: ``origin``)."""
+        return Settings(self.section, {**self._values, **values},
+                        {**self.sources, **dict.fromkeys(values, origin)}, self.store)
 
     def __repr__(self) -> str:
         store = f", store={self.store!r}" if self.store is not None else ""

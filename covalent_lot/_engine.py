@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
+from ._checksum import Checksum, file_checksum
 from ._errors import ChecksumMismatchError, ErrorKind, MissingBucket, exception_chain, translate
 from ._backend import Backend, RemoteObject
 from ._pool import run_bounded
 from ._retry import RetryPolicy
 from ._stream import (
-    TEMP_MARK, VerifyingSink, atomic_download, holds_verified, mark_verified, recorded_sha256, sha256_file,
+    TEMP_MARK, VerifyingSink, atomic_download, holds_verified, mark_verified, recorded_checksum,
 )
 from ._uri import StoreURI
 
@@ -44,9 +45,16 @@ class TransferStats:
     bytes: int = 0
     seconds: float = 0.0
     retries: int = 0
-    verified: int = 0  # files whose sha256 was checked (download) or stored (upload)
+    verified: int = 0  # files whose checksum was checked (download) or stored (upload)
     kept: int = 0  # downloads skipped: the local file already held the verified bytes
     unverified: list[str] = field(default_factory=list)
+    # Seconds spent per phase, summed over files (several files overlap):
+    # "hash" (checksums computed before or after the bytes moved), "transfer".
+    phases: dict[str, float] = field(default_factory=dict)
+    checksum: str | None = None  # the algorithm uploads stored / downloads checked
+
+    def add_phase(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
 
     @property
     def mib_per_s(self) -> float:
@@ -57,7 +65,7 @@ class TransferStats:
             return (f"delete {self.source}: {self.files} object(s), "
                     f"{self.bytes / MiB:.1f} MiB in {self.seconds:.2f} s, {self.retries} retries")
         word = {"upload": "stored", "copy": "kept"}.get(self.action, "verified")
-        check = f"{self.verified}/{self.files} sha256 {word}"
+        check = f"{self.verified}/{self.files} {self.checksum or 'checksums'} {word}"
         if self.kept:
             check += f", {self.kept} already here (local copy matched)"
         return (
@@ -100,11 +108,14 @@ class Engine:
         self.backend = backend
         self.policy = policy
         self.verify = verify
+        # What uploads store, and what a download checks when the object's own is not known yet.
+        self.algorithm = str(backend.settings.get("checksum", "crc32c")) if verify else None
         # progress(nbytes) as bytes move, from any thread (a progress bar); uploads
         # report through the backend, downloads through the sink, copies per file.
         self.progress = progress
         backend.progress = progress
         self._count = threading.Lock()  # stats are updated from folder workers
+        self._connect_counted = False
 
     def _each(self, items: list, fn: Callable[[Any], None]) -> None:
         """``fn(item)`` for each item, several files at once (``max_files``); each
@@ -147,16 +158,18 @@ class Engine:
                 verdict, action=action, target=target, endpoint=self.backend.endpoint
             ) from exc
 
-    @staticmethod
-    def _start(action: str, source: str, destination: str) -> tuple[TransferStats, float]:
+    def _start(self, action: str, source: str, destination: str) -> tuple[TransferStats, float]:
         log.info("%s %s -> %s: started", action, source, destination)
-        return TransferStats(action, source, destination), time.perf_counter()
+        return TransferStats(action, source, destination, checksum=self.algorithm), time.perf_counter()
 
     def _finish(self, stats: TransferStats, started: float) -> TransferStats:
         stats.seconds = time.perf_counter() - started
+        if self.backend.connected and not self._connect_counted:
+            self._connect_counted = True  # the client is made once per engine
+            stats.phases["connect"] = self.backend.connect_seconds
         log.info("%s", stats.summary())
         if stats.unverified:
-            log.debug("not verified (no stored sha256, e.g. written by another tool): %s",
+            log.debug("not verified (no stored checksum, e.g. written by another tool): %s",
                       ", ".join(stats.unverified[:20]))
         return stats
 
@@ -192,23 +205,27 @@ class Engine:
     def _upload_one(self, path: str, destination: StoreURI, stats: TransferStats) -> None:
         before = os.stat(path)
         hashing = None
-        recorded = recorded_sha256(path) if self._reuse_local else None
-        if not self.verify:
+        algorithm = self.algorithm
+        recorded = recorded_checksum(path) if self._reuse_local else None
+        began = time.perf_counter()
+        if algorithm is None:
             digest = _known(None)
-        elif recorded is not None:
-            # Hashed when it was written here (an offloaded value) or verified by a
+        elif recorded is not None and recorded.algorithm == algorithm:
+            # Checked when it was written here (an offloaded value) or verified by a
             # download, unchanged since: the same trust as reuse_local's.
             digest = _known(recorded)
         elif self.backend.checksum_after_upload:
-            # The digest is needed only after the bytes: hash alongside the upload.
-            hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="covalent-lot-sha256")
-            future = hashing.submit(sha256_file, path)
-            digest = lambda: future.result()[0]  # noqa: E731
+            # The checksum is needed only after the bytes: computed alongside the upload.
+            hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="covalent-lot-checksum")
+            future = hashing.submit(_timed, file_checksum, path, algorithm)
+            digest = lambda: future.result()[0][0]  # noqa: E731
         else:
             # Object stores take metadata when an upload starts, so the checksum
-            # is computed in one streaming pass first; a copy afterwards to attach
-            # it would cost more than the pass (see README, "Integrity").
-            digest = _known(sha256_file(path)[0])
+            # is computed in one streaming pass first (crc32c: ~0.1 s per 512 MiB
+            # here); a copy afterwards to attach it would cost more than the pass.
+            digest = _known(file_checksum(path, algorithm)[0])
+            stats.add_phase("hash", time.perf_counter() - began)
+        sending = time.perf_counter()
         try:
             self._guard(
                 "upload to", str(destination),
@@ -218,6 +235,10 @@ class Engine:
         finally:
             if hashing is not None:
                 hashing.shutdown(wait=True)
+        with self._count:
+            stats.add_phase("transfer", time.perf_counter() - sending)
+            if hashing is not None and not future.exception():
+                stats.add_phase("hash (alongside)", future.result()[1])
         after = os.stat(path)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             self._guard("remove", str(destination), lambda: self.backend.delete(destination), stats)
@@ -225,11 +246,11 @@ class Engine:
                 f"upload source {path!r} changed while it was uploaded; the object "
                 f"{destination} was removed again. Write the file completely before the upload runs."
             )
-        if self._reuse_local:
+        if self._reuse_local and digest() is not None:
             # A consumer on this machine whose local path is this file skips its download.
             mark_verified(path, digest())
-        log.debug("uploaded %s -> %s (%d bytes, sha256 %s)", path, destination, before.st_size,
-                  "stored" if self.verify else "off")
+        log.debug("uploaded %s -> %s (%d bytes, %s)", path, destination, before.st_size,
+                  digest() or "no checksum")
         with self._count:
             stats.files += 1
             stats.bytes += before.st_size
@@ -259,7 +280,10 @@ class Engine:
                     "uploads nothing)"
                 )
         else:
+            began, connected = time.perf_counter(), self.backend.connected
             obj = self._guard("read", str(source), lambda: self.backend.stat(source), stats, source)
+            stats.add_phase("stat", time.perf_counter() - began
+                            - (self.backend.connect_seconds if not connected else 0.0))
             self._download_one(obj, local_path, stats)
         return self._finish(stats, started)
 
@@ -271,9 +295,9 @@ class Engine:
         return self.verify and bool(self.backend.settings.get("reuse_local", True))
 
     def _download_one(self, obj: RemoteObject, local_path: str, stats: TransferStats) -> None:
-        if self._reuse_local and obj.sha256 is not None and holds_verified(local_path, obj.sha256, obj.size):
+        if self._reuse_local and obj.checksum is not None and holds_verified(local_path, obj.checksum, obj.size):
             # Already here: uploaded from, or downloaded and verified to, this very
-            # path, unchanged since (size and mtime), with the stored sha256.
+            # path, unchanged since (size and mtime), with the stored checksum.
             with self._count:
                 stats.files += 1
                 stats.verified += 1
@@ -281,30 +305,45 @@ class Engine:
             return
 
         fsync = bool(self.backend.settings.get("fsync", False))
+        # Check what the object stores; before its metadata is known (a listing
+        # without it), what this strategy stores.
+        algorithm = (obj.checksum.algorithm if obj.checksum is not None else self.algorithm) if self.verify else None
+        began = time.perf_counter()
         with atomic_download(local_path, fsync=fsync) as (f, _temp):
-            sink = VerifyingSink(f, hashing=self.verify, on_bytes=self.progress)
+            sink = VerifyingSink(f, algorithm, on_bytes=self.progress)
             try:
                 seen = self._guard("download", str(obj.location),
                                    lambda: self._get_resuming(obj, sink), stats, obj.location)
-                expected = seen.sha256 if seen.sha256 is not None else obj.sha256
-                actual = sink.hexdigest() if self.verify and expected is not None else None
+                expected = seen.checksum if seen.checksum is not None else obj.checksum
+                finishing = time.perf_counter()
+                actual = None
+                if self.verify and expected is not None:
+                    if expected.algorithm == sink.algorithm:
+                        actual = sink.checksum()
+                    else:  # stored with the other algorithm than expected: read the file back once
+                        f.flush()
+                        actual = file_checksum(f.fileno(), expected.algorithm)[0]
+                stats_hash = time.perf_counter() - finishing
             finally:
                 sink.close()
             if actual is not None:
                 if actual != expected:
                     raise ChecksumMismatchError(
-                        f"checksum mismatch for {obj.location}: stored sha256 {expected}, "
+                        f"checksum mismatch for {obj.location}: stored {expected}, "
                         f"received {actual} ({sink.bytes_written} bytes); the object was "
                         f"changed or corrupted. {local_path!r} was left untouched."
                     )
                 if self._reuse_local:
                     f.flush()  # the recorded mtime is the final one
                     mark_verified(f.fileno(), actual)
+        with self._count:
+            stats.add_phase("hash", stats_hash)
+            stats.add_phase("transfer", time.perf_counter() - began - stats_hash)
         log.debug("downloaded %s -> %s (%d bytes)", obj.location, local_path, seen.size)
         with self._count:
             stats.files += 1
             stats.bytes += seen.size
-            if self.verify and (seen.sha256 or obj.sha256):
+            if self.verify and (seen.checksum or obj.checksum):
                 stats.verified += 1
             else:
                 stats.unverified.append(str(obj.location))
@@ -314,7 +353,7 @@ class Engine:
 
         The bytes already received in order stay in the temporary file when the
         read is pinned to one version of the object (``obj.version``) and the
-        whole is checked against the stored sha256 at the end; otherwise the
+        whole is checked against the stored checksum at the end; otherwise the
         attempt starts over. Either way nothing reaches the destination unchecked.
         """
         start = sink.rewind(keep_prefix=self.verify and obj.version is not None)
@@ -344,7 +383,7 @@ class Engine:
                       destination)]
         def copy_one(pair: tuple[RemoteObject, StoreURI]) -> None:
             obj, target = pair
-            if obj.sha256 is None:  # some listings leave out metadata: say truly whether it goes along
+            if obj.checksum is None:  # some listings leave out metadata: say truly whether it goes along
                 obj = self._guard("read", str(obj.location), lambda: self.backend.stat(obj.location), stats,
                                   obj.location)
             self._guard("copy", f"{obj.location} -> {target}", lambda: self.backend.copy(obj, target), stats,
@@ -354,7 +393,7 @@ class Engine:
             with self._count:
                 stats.files += 1
                 stats.bytes += obj.size
-                stats.verified += obj.sha256 is not None
+                stats.verified += obj.checksum is not None
 
         self._each(pairs, copy_one)
         return self._finish(stats, started)
@@ -395,8 +434,13 @@ class Engine:
         return self._finish(stats, started)
 
 
-def _known(value: str | None) -> Callable[[], str | None]:
+def _known(value: Checksum | None) -> Callable[[], Checksum | None]:
     return lambda: value
+
+
+def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    began = time.perf_counter()
+    return fn(*args), time.perf_counter() - began
 
 
 def _walk_files(root: str) -> Iterator[tuple[str, str]]:

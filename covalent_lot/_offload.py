@@ -375,7 +375,9 @@ def store(value: Any, plan: dict) -> Any:
         else:
             key = f"{prefix}run-{uuid.uuid4().hex[:16]}/{plan['name']}-{raw_sha[:16]}{suffix}"
         location = parse_uri(key)
-        engine = build_engine(cls.backend_path, settings)
+        # The reference carries the sha256 of what is stored (computed while
+        # encoding, and the cache's address): the object stores that one too.
+        engine = build_engine(cls.backend_path, settings.replace("offload", checksum="sha256"))
         try:
             existing = _existing(engine, location) if plan["dedup"] else None
             if existing is not None:
@@ -528,12 +530,13 @@ def _fetch(ref: Ref, settings, local: str) -> None:
                 f"{ref.uri} is gone: the value offloaded by {_origin(ref)} was removed from the "
                 "store (covalent-lot gc or rm, or a lifecycle rule); run the producer again"
             ) from exc
-        stored = found[0].sha256 if len(found) == 1 else None
-        if stored is not None and stored != ref.sha256:
+        stored = found[0].checksum if len(found) == 1 else None
+        if stored is not None and (found[0].size != ref.size
+                                   or (stored.algorithm == "sha256" and stored.value != ref.sha256)):
             raise ChecksumMismatchError(
-                f"{ref.uri} now holds other bytes than the ones {_origin(ref)} stored (sha256 "
-                f"{stored[:16]}..., the reference has {ref.sha256[:16]}...): it was overwritten. "
-                "Nothing was loaded; run the producer again"
+                f"{ref.uri} now holds other bytes than the ones {_origin(ref)} stored ({stored} and "
+                f"{found[0].size} bytes, the reference has sha256:{ref.sha256[:16]}... and {ref.size} "
+                "bytes): it was overwritten. Nothing was loaded; run the producer again"
             )
         engine.download(location, target)
     finally:

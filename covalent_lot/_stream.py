@@ -1,16 +1,18 @@
-"""Local side of every transfer: streaming sha256 and atomic files.
+"""Local side of every transfer: streaming checksums and atomic files.
 
-Why sha256 of the whole object (not the service's native checksum): it is the
-same for every backend (S3-compatible stores differ in which native checksums
-they keep; a multipart ETag is not a content hash; SFTP has none), so an object
-can be verified end to end wherever it travels, and anyone can check it with
-``sha256sum``. It is stored with the object as metadata ``lot-sha256``.
+Why our own checksum of the whole object (not the service's native one): it is
+the same for every backend (S3-compatible stores differ in which native
+checksums they keep; a multipart ETag is not a content hash; SFTP has none), so
+an object is verified end to end wherever it travels. Which one (crc32c by
+default, or sha256) and why: ``_checksum``.
 
 Downloads are verified while they stream, also when the SDK writes ranges in
-parallel and out of order: :class:`VerifyingSink` hashes bytes that continue
-the hashed prefix as they are written, and a background thread hashes ranges
-that arrived early, reading them back from the page cache once the gap before
-them fills. Memory stays bounded by one read-back chunk.
+parallel and out of order: :class:`VerifyingSink` checks each write as it
+arrives. crc32c needs nothing more (ranges combine, ``_checksum.RangeCrc``);
+for sha256 bytes that continue the hashed prefix are hashed as they are
+written, and a background thread hashes ranges that arrived early, reading
+them back from the page cache once the gap before them fills. Memory stays
+bounded by one read-back chunk.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ import threading
 import uuid
 from typing import BinaryIO, Callable, Iterator
 
+from ._checksum import Checksum, RangeCrc, file_checksum
+
 __all__ = [
     "CHUNK",
     "CHECKSUM_KEY",
     "sha256_file",
+    "file_checksum",
     "VerifyingSink",
     "atomic_download",
     "TEMP_MARK",
@@ -47,18 +52,8 @@ def temp_name(name: str) -> str:
 
 def sha256_file(path: str) -> tuple[str, int]:
     """sha256 hex digest and size of a local file, read in bounded chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            digest.update(view[:n])
-            size += n
-    return digest.hexdigest(), size
+    checksum, size = file_checksum(path, "sha256")
+    return checksum.value, size
 
 
 class ConfirmedPrefix:
@@ -99,10 +94,12 @@ class ConfirmedPrefix:
 
 
 class VerifyingSink:
-    """A writable, seekable file that hashes what is written, in file order.
+    """A writable, seekable file that checksums what is written, in file order.
 
     Accepts writes at any offset (``seek`` + ``write``, or ``write_at``), as
-    parallel ranged downloads produce them. A write that continues the hashed
+    parallel ranged downloads produce them. ``algorithm``: "crc32c" (each write
+    is checked where it lands, ranges combine: no read-back, no thread),
+    "sha256" (below) or None (no checksum). For sha256 a write that continues the hashed
     prefix while nothing else waits is hashed right away from memory (one
     streamed response: no re-read, no hand-off; measured faster here than a
     hashing thread fed from a queue). Ranges that arrive early are hashed by a
@@ -112,11 +109,15 @@ class VerifyingSink:
     file; ``close()`` stops the thread early.
     """
 
-    def __init__(self, fileobj: BinaryIO, hashing: bool = True,
+    def __init__(self, fileobj: BinaryIO, algorithm: str | None = "crc32c",
                  on_bytes: Callable[[int], None] | None = None):
         self._f = fileobj
         self._on_bytes = on_bytes  # progress: called with each write's size, outside the lock
-        self._hash = hashlib.sha256() if hashing else None
+        if algorithm not in (None, "crc32c", "sha256"):
+            raise ValueError(f"unknown checksum algorithm {algorithm!r}")
+        self.algorithm = algorithm
+        self._hash = hashlib.sha256() if algorithm == "sha256" else None
+        self._crc = RangeCrc() if algorithm == "crc32c" else None
         self._pos = 0  # file position for seek/write callers
         self._file_pos = fileobj.tell()  # where the underlying file object stands
         self._written = ConfirmedPrefix()  # [0, prefix) is written and flushed: the hasher may read it
@@ -175,6 +176,10 @@ class VerifyingSink:
             self._f.write(view)
             self._file_pos = offset + n
             self.bytes_written += n
+            if self._crc is not None:
+                if not self._rehash and not self._crc.add(offset, view):
+                    self._rehash = True  # bytes written twice: check the finished file instead
+                return n
             if self._hash is None or self._rehash or n == 0:
                 return n
             before = self._ready
@@ -249,9 +254,13 @@ class VerifyingSink:
         """
         self._stop_hasher()
         with self._cond:
-            if self._failure is not None:
-                keep_prefix = False  # the hasher failed: its state cannot be trusted
-            if not keep_prefix:
+            if self._crc is not None:
+                # The run from 0 keeps its CRC; ranges past a gap are cut off.
+                start = self._crc.prefix if keep_prefix and not self._rehash else 0
+                self._crc.reset(start, self._crc.prefix_crc if start else 0)
+                self._rehash = False
+                self._written.reset(start)
+            elif self._failure is not None or not keep_prefix:  # a failed hasher cannot be trusted
                 self._written.reset(0)
                 self._hashed = 0
                 self._rehash = False
@@ -266,8 +275,21 @@ class VerifyingSink:
             self._file_pos = self._pos = self._ready
             return self._ready
 
+    def checksum(self) -> Checksum | None:
+        """The checksum of the whole file as written; None when checking is off."""
+        value = self.hexdigest()
+        return Checksum(self.algorithm, value) if value is not None else None
+
     def hexdigest(self) -> str | None:
-        """sha256 of the whole file as written; None when hashing is off."""
+        """The checksum of the whole file as written (hex); None when checking is off."""
+        if self._crc is not None:
+            with self._cond:
+                self._f.flush()
+                size = os.fstat(self._f.fileno()).st_size
+                whole = None if self._rehash else self._crc.whole(size)
+            if whole is None:  # holes, or bytes written twice: read the file back once
+                return file_checksum(self._f.fileno(), "crc32c", size)[0].value
+            return f"{whole:08x}"
         if self._hash is None:
             return None
         with self._cond:
@@ -298,31 +320,37 @@ class VerifyingSink:
         return self._hash.hexdigest()
 
 
-# A local file's record of the sha256 it had when it was uploaded or downloaded
-# and verified, with the size and mtime it had then (an extended attribute).
+# A local file's record of the checksum it had when it was uploaded or
+# downloaded and verified, with the size and mtime it had then (an extended
+# attribute): "<algorithm>:<hex> <size> <mtime_ns>" (a bare hex is a sha256).
 LOCAL_ATTR = "user.covalent-lot.sha256"
 
 
-def mark_verified(path_or_fd, sha256: str) -> None:
-    """Record that ``path_or_fd`` now holds bytes with ``sha256`` (best effort)."""
+def _as_checksum(value: Checksum | str) -> Checksum:
+    return value if isinstance(value, Checksum) else Checksum("sha256", value)
+
+
+def mark_verified(path_or_fd, checksum: Checksum | str) -> None:
+    """Record that ``path_or_fd`` now holds bytes with ``checksum`` (a bare
+    string is a sha256; best effort)."""
     try:
         st = os.stat(path_or_fd)
-        os.setxattr(path_or_fd, LOCAL_ATTR, f"{sha256} {st.st_size} {st.st_mtime_ns}".encode())
+        os.setxattr(path_or_fd, LOCAL_ATTR, f"{_as_checksum(checksum)} {st.st_size} {st.st_mtime_ns}".encode())
     except (OSError, AttributeError):  # no xattrs on this filesystem/platform: no shortcut
         pass
 
 
-def holds_verified(path: str, sha256: str, size: int) -> bool:
-    """True if ``path`` is a file recorded with ``sha256`` and unchanged since (size, mtime)."""
+def holds_verified(path: str, checksum: Checksum | str, size: int) -> bool:
+    """True if ``path`` is a file recorded with ``checksum`` and unchanged since (size, mtime)."""
     try:
         matches = os.stat(path).st_size == size
     except OSError:
         return False
-    return matches and recorded_sha256(path) == sha256
+    return matches and recorded_checksum(path) == _as_checksum(checksum)
 
 
-def recorded_sha256(path: str) -> str | None:
-    """The sha256 recorded for ``path`` by :func:`mark_verified`, if the file is
+def recorded_checksum(path: str) -> Checksum | None:
+    """The checksum recorded for ``path`` by :func:`mark_verified`, if the file is
     unchanged since (size and mtime); else None."""
     try:
         st = os.stat(path)
@@ -330,8 +358,14 @@ def recorded_sha256(path: str) -> str | None:
     except (OSError, AttributeError, UnicodeDecodeError):
         return None
     if len(value) == 3 and value[1] == str(st.st_size) and value[2] == str(st.st_mtime_ns):
-        return value[0]
+        return Checksum.parse(value[0])
     return None
+
+
+def recorded_sha256(path: str) -> str | None:
+    """The sha256 recorded for ``path`` (see :func:`recorded_checksum`), if that is what was recorded."""
+    found = recorded_checksum(path)
+    return found.value if found is not None and found.algorithm == "sha256" else None
 
 
 def hold_while_writing(fd: int) -> None:

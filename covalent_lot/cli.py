@@ -69,18 +69,19 @@ def format_time(modified: float | None, long: bool = False) -> str:
 
 
 def format_listing(objects: Sequence[Any], base: str = "", long: bool = False) -> list[str]:
-    """Rows of size, modified, sha256 (short, or '-' when none is stored) and key.
+    """Rows of size, modified, stored checksum (``crc32c:<8 hex>``, a sha256 cut
+    short, or '-' when none is stored) and key.
 
     Keys are shown below ``base`` (the listed folder's key); ``long`` shows exact
-    sizes, seconds and time zone, the whole sha256 and the full URI.
+    sizes, seconds and time zone, the whole checksum and the full URI.
     """
-    rows = [("SIZE", "MODIFIED", "SHA256", "URI" if long else "KEY")]
+    rows = [("SIZE", "MODIFIED", "CHECKSUM", "URI" if long else "KEY")]
     for obj in objects:
         key = obj.location.key
         rows.append((
             str(obj.size) if long else human_size(obj.size),
             format_time(obj.modified, long),
-            (obj.sha256 if long else obj.sha256[:12]) if obj.sha256 else "-",
+            (str(obj.checksum) if long else str(obj.checksum)[:19]) if obj.checksum else "-",
             str(obj.location) if long else (key[len(base):] if key.startswith(base) and key != base else key),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
@@ -93,7 +94,8 @@ def format_listing(objects: Sequence[Any], base: str = "", long: bool = False) -
 def object_record(obj: Any) -> dict[str, Any]:
     """One object for ``--json``."""
     return {"uri": str(obj.location), "key": obj.location.key, "size": obj.size,
-            "modified": obj.modified, "sha256": obj.sha256, "version": obj.version}
+            "modified": obj.modified, "checksum": str(obj.checksum) if obj.checksum else None,
+            "sha256": obj.sha256, "version": obj.version}
 
 
 @dataclass
@@ -171,8 +173,8 @@ def each_with_engine(strategy, items: Sequence[Any], fn: Callable[[Any, Any], An
 
 
 def with_checksum(engine, obj: Any) -> Any:
-    """The object as its own metadata describes it: listings of some services omit the sha256."""
-    if obj.sha256 is not None or obj.location.is_folder:
+    """The object as its own metadata describes it: listings of some services omit the checksum."""
+    if obj.checksum is not None or obj.location.is_folder:
         return obj
     try:
         return engine.ls(obj.location)[0]

@@ -23,10 +23,8 @@ ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 # Well-formed (base64, 64 bytes) but not the account's key.
 WRONG_KEY = "V3JvbmdLZXlXcm9uZ0tleVdyb25nS2V5V3JvbmdLZXlXcm9uZ0tleVdyb25nS2V5V3Jvbmc="
 
-# The checksum is stored as lot_sha256 on Azure (metadata names are C# identifiers);
-# the contract suite speaks of it as lot-sha256.
-_SUITE_KEY = "lot-sha256"
-_AZURE_KEY = "lot_sha256"
+# The checksum is stored as lot_crc32c / lot_sha256 on Azure (metadata names are
+# C# identifiers); the contract suite speaks of lot-crc32c / lot-sha256.
 
 
 def connection_string(endpoint: str, key: str = ACCOUNT_KEY) -> str:
@@ -97,7 +95,7 @@ class Azurite(_servers.ServerProcess):
 
 
 def _to_azure(metadata: dict | None) -> dict:
-    # Azure refuses '-' in metadata names; the suite's lot-sha256 is lot_sha256 here.
+    # Azure refuses '-' in metadata names; the suite's lot-crc32c is lot_crc32c here.
     return {k.replace("-", "_"): v for k, v in (metadata or {}).items()}
 
 
@@ -150,9 +148,7 @@ class AzureKit(StoreKit):
 
     def get_metadata(self, bucket, key):
         metadata = dict(self.client.get_blob_client(bucket, key).get_blob_properties().metadata)
-        if _AZURE_KEY in metadata:
-            metadata[_SUITE_KEY] = metadata.pop(_AZURE_KEY)
-        return metadata
+        return {k.replace("_", "-") if k.startswith("lot_") else k: v for k, v in metadata.items()}
 
     def list_keys(self, bucket, prefix=""):
         blobs = self.client.get_container_client(bucket).list_blobs(name_starts_with=prefix or None)

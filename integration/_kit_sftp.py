@@ -27,7 +27,7 @@ from integration._kits import StoreKit
 
 SSHD_BIN = _servers.SSHD_BIN
 USER = "root"
-SIDECAR = ".lot-sha256"
+SIDECARS = (".lot-crc32c", ".lot-sha256")  # covalent-lot's checksum files beside each object
 
 
 def keygen(path: Path, kind: str = "ed25519") -> str:
@@ -191,10 +191,10 @@ class SFTPKit(StoreKit):
         self._makedirs(posixpath.dirname(path))
         with self.sftp.open(path, "wb") as f:
             f.write(data)
-        digest = (metadata or {}).get("lot-sha256")
-        if digest is not None:
-            with self.sftp.open(path + SIDECAR, "wb") as f:
-                f.write((digest + "\n").encode())
+        for name, value in (metadata or {}).items():
+            if name.startswith("lot-"):  # lot-crc32c, lot-sha256: a sidecar file
+                with self.sftp.open(f"{path}.{name}", "wb") as f:
+                    f.write((value + "\n").encode())
 
     def get_bytes(self, bucket, key):
         with self.sftp.open(self.path(bucket, key), "rb") as f:
@@ -204,11 +204,14 @@ class SFTPKit(StoreKit):
     def get_metadata(self, bucket, key):
         path = self.path(bucket, key)
         self.sftp.stat(path)  # FileNotFoundError if the object is missing
-        try:
-            with self.sftp.open(path + SIDECAR, "rb") as f:
-                return {"lot-sha256": f.read().decode().strip()}
-        except FileNotFoundError:
-            return {}
+        found = {}
+        for suffix in SIDECARS:
+            try:
+                with self.sftp.open(path + suffix, "rb") as f:
+                    found[suffix[1:]] = f.read().decode().strip()
+            except FileNotFoundError:
+                pass
+        return found
 
     def list_keys(self, bucket, prefix=""):
         keys = []

@@ -27,6 +27,41 @@ KIT_CLASSES = {
     "sftp": ("_kit_sftp", "SFTPKit"),
 }
 
+# SFTP keeps each object's checksum in a sidecar file beside it, named after the
+# checksum; covalent-lot writes crc32c unless told otherwise (offloads: sha256).
+SIDECARS = (".lot-crc32c", ".lot-sha256")
+SIDECAR = ".lot-crc32c"
+
+
+def is_sidecar(key: str) -> bool:
+    return key.endswith(SIDECARS)
+
+
+def crc32c_of(data_or_path) -> str:
+    """``crc32c:<hex>`` of bytes or of a file: what covalent-lot stores by default."""
+    from covalent_lot._checksum import file_checksum, new_hasher
+
+    if isinstance(data_or_path, (bytes, bytearray)):
+        hasher = new_hasher("crc32c")
+        hasher.update(bytes(data_or_path))
+        return f"crc32c:{hasher.hexdigest()}"
+    return str(file_checksum(str(data_or_path), "crc32c")[0])
+
+
+def sha256_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def stored_checksum(kit, bucket: str, key: str) -> str | None:
+    """The checksum stored with an object (``crc32c:<hex>``, ``sha256:<hex>``), read with the plain SDK."""
+    from covalent_lot._checksum import from_metadata
+
+    found = from_metadata(kit.get_metadata(bucket, key))
+    return str(found) if found is not None else None
+
+
 # Programs a backend's server needs that `make install` cannot provide (no root).
 REQUIRED_TOOLS = {"sftp": ("sshd", "ssh-keygen")}
 _TOOL_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
@@ -115,7 +150,7 @@ class StoreKit:
         raise NotImplementedError
 
     def get_metadata(self, bucket: str, key: str) -> dict:
-        """User metadata of the object (e.g. {'lot-sha256': ...})."""
+        """User metadata of the object (e.g. {'lot-crc32c': ...})."""
         raise NotImplementedError
 
     def list_keys(self, bucket: str, prefix: str = "") -> list[str]:

@@ -15,7 +15,7 @@ import cloudpickle
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 TIMEOUT = 300.0  # one dispatch, start to finish
-SIDECAR = ".lot-sha256"  # SFTP keeps the checksum beside each file
+from integration._kits import SIDECARS, is_sidecar  # SFTP keeps the checksum beside each file
 
 
 def wait(dispatch_id: str, dispatcher_addr: str | None = None):
@@ -87,4 +87,4 @@ def on_host2(host2, report: dict) -> bool:
 
 def stored(kit, bucket: str, prefix: str = "") -> list[str]:
     """The keys below ``prefix`` (SFTP's checksum sidecars left out)."""
-    return sorted(k for k in kit.list_keys(bucket, prefix) if not k.endswith(SIDECAR))
+    return sorted(k for k in kit.list_keys(bucket, prefix) if not is_sidecar(k))

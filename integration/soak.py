@@ -195,8 +195,7 @@ def _check_outputs(outputs: dict[str, dict]) -> list[str]:
 
 def _check_keys(kit, bucket: str, dispatch_ids: list[str]) -> list[str]:
     """Exactly one object per dispatch, under its own prefix (SFTP sidecars aside)."""
-    sidecar = ".lot-sha256"  # the SFTP backend's checksum file next to each object
-    objects = sorted(k for k in kit.list_keys(bucket) if not k.endswith(sidecar))
+    objects = sorted(k for k in kit.list_keys(bucket) if not _kits.is_sidecar(k))  # SFTP's checksum files aside
     expected = sorted(KEY.format(dispatch_id=i) for i in dispatch_ids)
     if objects != expected:
         return [f"store listing {objects} != one object per dispatch {expected}"]

@@ -183,7 +183,7 @@ LIMITS = {
     "s3": (_key_of(1024, "k"), _key_of(1025, "k"), "1024 bytes"),
     "gcs": (_key_of(1024, "g"), _key_of(1025, "g"), "1024 bytes"),
     "azure": (_key_of(1024, "a"), _key_of(1025, "a"), "1024 characters"),
-    # 255 bytes per path segment, less the ".lot-sha256" of the checksum sidecar.
+    # 255 bytes per path segment, less the ".lot-crc32c" of the checksum sidecar.
     "sftp": ("d/" + "s" * 244, "d/" + "s" * 245, "sidecar"),
 }
 

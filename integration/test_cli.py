@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from covalent_lot._stream import sha256_file
+from integration._kits import crc32c_of, is_sidecar
 
 MiB = 1024 * 1024
 SCRIPT = Path(sys.executable).with_name("covalent-lot")
@@ -78,16 +79,17 @@ def test_cp_ls_rm(kit, bucket, tmp_path):
     code, out, _ = cli("cp", "--json", str(tmp_path / "up"), kit.uri(bucket, "in/"))
     assert code == 0 and json.loads(out)["files"] == 2 and json.loads(out)["verified"] == 2
 
-    code, out, _ = cli("ls", "-l", kit.uri(bucket, "in/"))  # -l: the stored sha256 of each object
+    code, out, _ = cli("ls", "-l", kit.uri(bucket, "in/"))  # -l: the stored checksum of each object
     assert code == 0
     assert [line.split()[-2:] for line in out.splitlines()[1:-1]] == [
-        [big, kit.uri(bucket, "in/big.bin")], [small, kit.uri(bucket, "in/sub/small.bin")]]
+        [crc32c_of(tmp_path / "up" / "big.bin"), kit.uri(bucket, "in/big.bin")],
+        [crc32c_of(tmp_path / "up" / "sub" / "small.bin"), kit.uri(bucket, "in/sub/small.bin")]]
     assert out.splitlines()[-1] == "2 object(s), 9.0 MiB"
 
     code, out, _ = cli("cp", kit.uri(bucket, "in/"), kit.uri(bucket, "copy/"))  # server side
     assert code == 0 and out.startswith(f"copy {kit.uri(bucket, 'in/')} -> ")
     code, out, _ = cli("cp", kit.uri(bucket, "copy/"), str(tmp_path / "down"))
-    assert code == 0 and "2/2 sha256 verified" in out
+    assert code == 0 and "2/2 crc32c verified" in out
     assert sha256_file(str(tmp_path / "down" / "big.bin"))[0] == big
     assert sha256_file(str(tmp_path / "down" / "sub" / "small.bin"))[0] == small
 
@@ -96,7 +98,7 @@ def test_cp_ls_rm(kit, bucket, tmp_path):
     assert cli("rm", "-q", kit.uri(bucket, "in/big.bin")) == (0, "", "")
     code, out, _ = cli("rm", "-r", kit.uri(bucket, "copy/"))
     assert code == 0 and out.startswith(f"removed 2 object(s), 9.0 MiB from {kit.uri(bucket, 'copy/')}")
-    assert [k for k in kit.list_keys(bucket) if not k.endswith(".lot-sha256")] == ["in/sub/small.bin"]
+    assert [k for k in kit.list_keys(bucket) if not is_sidecar(k)] == ["in/sub/small.bin"]
 
 
 def test_gc(kit, bucket):

@@ -41,7 +41,7 @@ STRIKE_AT = 12 * MiB  # past two S3 parts of 5 MiB: the store holds some of it
 KEY = "crash/data.bin"
 OLD = b"the old version, complete\n" * 4096
 CHILD = Path(__file__).with_name("_crash_child.py")
-SIDECAR = ".lot-sha256"  # SFTP's checksum file beside an object
+from integration._kits import SIDECAR  # SFTP's checksum file beside an object (crc32c's)
 
 # Small parts, one request at a time: 64 MiB then last a second or more on
 # loopback, long enough to be struck mid-way.

@@ -38,7 +38,7 @@ from covalent_lot._stream import TEMP_MARK
 from integration import _faultproxy as fp
 
 MiB = 1024 * 1024
-SIDECAR = ".lot-sha256"
+from integration._kits import SIDECAR, is_sidecar
 TIMEOUT = 2.0  # read/io timeouts: a stall longer than this makes the client retry
 FAULT_AT = 1 * MiB  # bytes into a connection (in the transfer's direction)
 TRANSIENT_STALL = 2 * TIMEOUT  # longer than the timeout: the client gives up and retries
@@ -112,7 +112,7 @@ class Route:
         files and SFTP sidecars are left out (their own checks are in check_store)."""
         return {key[len(prefix):]: sha256_bytes(self.kit.get_bytes(self.bucket, key))
                 for key in self.kit.list_keys(self.bucket, prefix)
-                if TEMP_MARK not in key and not key.endswith(SIDECAR)}
+                if TEMP_MARK not in key and not is_sidecar(key)}
 
 
 def _proxied(kit, proxy: fp.FaultProxy, workdir: Path) -> dict:

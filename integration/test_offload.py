@@ -38,7 +38,7 @@ MiB = 1024 * 1024
 TIMEOUT = 300.0  # one dispatch, start to finish
 N = 3 * MiB // 8  # float64 elements of a 3 MiB array
 SCRIPT = Path(sys.executable).with_name("covalent-lot")
-SIDECAR = _remote.SIDECAR
+SIDECARS = _remote.SIDECARS
 _WANTED = [b for b in os.environ.get("LOT_BACKENDS", "").split(",") if b]
 
 
@@ -180,10 +180,11 @@ def remove_object(kit, bucket: str, key: str) -> None:
         kit.client.get_blob_client(bucket, key).delete_blob()
     elif kit.name == "sftp":
         kit.sftp.remove(kit.path(bucket, key))
-        try:
-            kit.sftp.remove(kit.path(bucket, key) + SIDECAR)
-        except FileNotFoundError:
-            pass
+        for suffix in SIDECARS:
+            try:
+                kit.sftp.remove(kit.path(bucket, key) + suffix)
+            except FileNotFoundError:
+                pass
     else:  # pragma: no cover - a new kit
         raise NotImplementedError(kit.name)
 

@@ -113,7 +113,7 @@ def test_listing_hides_sidecars_and_partials(kit, bucket, source, tmp_path):
     strategy.put(str(source), kit.uri(bucket, "d/a.bin"))
     kit.put_bytes(bucket, "d/.b.bin.lot-partial-0123456789ab", b"left by a killed upload")
     keys = kit.list_keys(bucket)
-    assert "d/a.bin.lot-sha256" in keys  # the sidecar is a plain file for other tools
+    assert "d/a.bin.lot-crc32c" in keys  # the sidecar is a plain file for other tools
     stats = strategy.get(kit.uri(bucket, "d/"), str(tmp_path / "d"))
     assert stats.files == 1 and os.listdir(tmp_path / "d") == ["a.bin"]
 

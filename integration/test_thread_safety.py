@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 from covalent_lot._stream import sha256_file
+from integration._kits import crc32c_of, is_sidecar, sha256_bytes, stored_checksum
 
 OWNERS = 8
 READERS = 4
@@ -117,7 +118,8 @@ def test_one_strategy_many_threads(kit, bucket, tmp_path):
     expected = {"shared.bin": shared_digest}
     for owner in owners:
         expected.update(owner.expected_keys())
-    stored = [key for key in kit.list_keys(bucket) if not key.endswith(".lot-sha256")]
+    stored = [key for key in kit.list_keys(bucket) if not is_sidecar(key)]
     assert sorted(stored) == sorted(expected)  # nothing else, no partial uploads
     for key, digest in expected.items():
-        assert kit.get_metadata(bucket, key)["lot-sha256"] == digest, key
+        assert stored_checksum(kit, bucket, key) == crc32c_of(kit.get_bytes(bucket, key)), key
+        assert sha256_bytes(kit.get_bytes(bucket, key)) == digest, key

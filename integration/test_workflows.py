@@ -15,6 +15,7 @@ import covalent_lot
 from covalent_lot._stream import sha256_file
 
 from integration import _servers
+from integration._kits import crc32c_of, sha256_bytes, stored_checksum
 
 # Workers cannot import this test module: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -85,9 +86,9 @@ def test_seed_scenario_256_mib(lot_env, kit, bucket):
     logs = "".join(node_stderr(result, i) for i in range(8))
     if _servers.xattrs_work(os.environ["COVALENT_LOT_STAGING_DIR"]):
         assert "1 already here" in logs, logs
-    assert logs.count("1/1 sha256 verified") >= 1  # the real download
+    assert logs.count("1/1 crc32c verified") >= 1  # the real download
     key = f"runs/{dispatch_id}/features.npy"
-    assert kit.get_metadata(bucket, key)["lot-sha256"] == out["produced"]["sha256"]
+    assert stored_checksum(kit, bucket, key) == crc32c_of(kit.get_bytes(bucket, key))
     ((remote, local),) = out["consumed"]["files"]
     assert remote == kit.uri(bucket, key) and dispatch_id in local
 
@@ -200,8 +201,9 @@ def test_three_concurrent_dispatches_do_not_collide(lot_env, kit, bucket):
         assert str(result.status) == "COMPLETED", node_stderr(result, 1)
         assert result.result["got"] == result.result["expected"]
         assert dispatch_id in result.result["local"]
-        metadata = kit.get_metadata(bucket, f"runs/{dispatch_id}/blob.bin")
-        assert metadata["lot-sha256"] == result.result["expected"]
+        stored = kit.get_bytes(bucket, f"runs/{dispatch_id}/blob.bin")
+        assert sha256_bytes(stored) == result.result["expected"]
+        assert stored_checksum(kit, bucket, f"runs/{dispatch_id}/blob.bin") == crc32c_of(stored)
     assert len({r.result["expected"] for r in results}) == 3
 
 
@@ -260,8 +262,7 @@ def test_registered_scheme_builds_strategy_from_covalent_conf(covalent_server, k
 
         _, result = run(flow)
         assert str(result.status) == "COMPLETED", node_stderr(result, 0)
-        metadata = kit.get_metadata(bucket, "registered/out.bin")
-        assert metadata["lot-sha256"] == hashlib.sha256(b"guessed strategy").hexdigest()
+        assert stored_checksum(kit, bucket, "registered/out.bin") == crc32c_of(b"guessed strategy")
     finally:
         for table, original in zip((file_transfer._uploaders, file_transfer._downloaders), builtin):
             if original is None:

@@ -7,7 +7,7 @@ blob becomes visible only at that commit). The account and its credential,
 resolved on the executor, are in ``_azure_auth``.
 
 Azure metadata names must be C# identifiers, so the checksum is stored as
-``lot_sha256`` (``CHECKSUM_KEY`` with ``-`` spelled ``_``).
+``lot_crc32c`` or ``lot_sha256`` (the ``lot-*`` name with ``-`` spelled ``_``).
 """
 
 from __future__ import annotations
@@ -25,18 +25,19 @@ from covalent_lot._errors import (
     HTTP_STATUS_KINDS, Classified, ErrorKind, MissingBucket, codes_to_kinds, exception_chain, http_verdict,
 )
 from covalent_lot._pool import run_bounded
-from covalent_lot._stream import CHECKSUM_KEY, VerifyingSink
+from covalent_lot._checksum import from_metadata
+from covalent_lot._stream import VerifyingSink
 from covalent_lot._strategy import LotStrategy
 from covalent_lot._uri import StoreURI
 
 from ._azure_auth import ACCOUNT_OPTIONS, AzureAccount, check_account, first_line
 
-__all__ = ["AzureStrategy", "AzureBackend", "OPTIONS", "METADATA_KEY"]
+__all__ = ["AzureStrategy", "AzureBackend", "OPTIONS", "METADATA_SEP"]
 
 MiB = 1024 * 1024
 
-# Azure metadata names must be valid C# identifiers: no '-'.
-METADATA_KEY = CHECKSUM_KEY.replace("-", "_")
+# Azure metadata names must be valid C# identifiers: no '-' (lot_crc32c, lot_sha256).
+METADATA_SEP = "_"
 
 # Service limits (API version 2019-12-12 and later).
 MAX_BLOCK_SIZE = 4000 * MiB
@@ -156,9 +157,9 @@ def await_copy(destination: StoreURI, started: Mapping[str, Any], poll: Callable
 
 def stored_object(location: StoreURI, props: Any) -> RemoteObject:
     """What the SDK's ``BlobProperties`` (of a listing or of the blob) say about ``location``."""
-    # Metadata names are case-insensitive in Azure.
-    sha256 = next((v for k, v in (props.metadata or {}).items() if k.lower() == METADATA_KEY), None)
-    return RemoteObject(location, props.size, sha256, props.etag, epoch_seconds(props.last_modified))
+    # Metadata names are case-insensitive in Azure (from_metadata compares them so).
+    return RemoteObject(location, props.size, from_metadata(props.metadata, METADATA_SEP), props.etag,
+                        epoch_seconds(props.last_modified))
 
 
 def listed_objects(prefix: StoreURI, items: Iterator[Any]) -> Iterator[RemoteObject]:
@@ -214,21 +215,21 @@ class AzureBackend(Backend):
         with open(local_path, "rb") as f:
             if size <= self.settings["max_single_put_size"]:
                 # One request (the bytes are held in memory while it is sent).
-                sha256 = digest()
+                checksum = digest()
                 blob.upload_blob(f, length=size, overwrite=True,
-                                 metadata={METADATA_KEY: sha256} if sha256 is not None else None)
+                                 metadata=checksum.metadata(METADATA_SEP) if checksum is not None else None)
                 self.sent(size)
                 return
             block_ids = self._stage_blocks(blob, f.fileno(), size)
         # Metadata goes with the commit: the checksum was computed alongside
         # the staging (checksum_after_upload) and costs no pass of its own.
-        sha256 = digest()
+        checksum = digest()
         from azure.storage.blob import BlobBlock
 
         # Uncommitted blocks are invisible and expire on their own (7 days):
         # a failed upload leaves nothing under the name.
         blob.commit_block_list([BlobBlock(block_id) for block_id in block_ids],
-                               metadata={METADATA_KEY: sha256} if sha256 is not None else None)
+                               metadata=checksum.metadata(METADATA_SEP) if checksum is not None else None)
 
     def _stage_blocks(self, blob, fd: int, size: int) -> list[str]:
         """Stage the file's blocks, ``max_concurrency`` at a time; their ids in order.
@@ -270,7 +271,7 @@ class AzureBackend(Backend):
         # ``start``) in parallel into the sink, never readall().
         downloader.readinto(sink)
         seen = stored_object(obj.location, downloader.properties)
-        return RemoteObject(obj.location, start + downloader.size, seen.sha256, seen.version)
+        return RemoteObject(obj.location, start + downloader.size, seen.checksum, seen.version)
 
     def copy(self, source: RemoteObject, destination: StoreURI) -> None:
         from azure.core import MatchConditions

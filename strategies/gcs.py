@@ -1,8 +1,10 @@
 """Google Cloud Storage (``gs://bucket/key``), on google-cloud-storage.
 
-Uploads are the SDK's resumable uploads (objects over 8 MiB; a single
-multipart request below that): the object appears only when the last chunk
-is accepted, and client memory stays near two chunks. Downloads are one
+Objects up to 8 MiB are uploaded in one request (the SDK's multipart upload).
+Larger ones go up as a resumable upload session that the SDK opens, with
+the bytes streamed from the file, ``chunk_size`` per request (default: all
+of them in one): client memory stays near 1 MiB whatever the chunk, and the
+object appears only when its last byte is accepted. Downloads are one
 streaming GET pinned to the generation that was looked up, so bytes of a
 concurrent overwrite are never mixed in. Copies are server-side rewrites.
 
@@ -12,19 +14,21 @@ Application Default Credentials, resolved on the executor.
 Retries belong to the engine (every SDK call passes ``retry=None``), except
 within an upload: each request of a resumable upload is retried on its own
 (``Backend.retrying``: same policy and error table), so a dropped connection
-costs one chunk, not the whole object.
+costs at most one ``chunk_size`` of bytes sent again, not the whole object.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import re
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from covalent_lot._config import Option
 from covalent_lot._backend import Backend, RemoteObject, epoch_seconds
 from covalent_lot._errors import ChecksumMismatchError, Classified, ErrorKind, MissingBucket, http_verdict
-from covalent_lot._stream import CHECKSUM_KEY, CoalescingWriter, CountingReader, VerifyingSink
+from covalent_lot._checksum import from_metadata
+from covalent_lot._stream import CoalescingWriter, CountingReader, VerifyingSink
 from covalent_lot._strategy import LotStrategy
 from covalent_lot._uri import StoreURI
 
@@ -37,6 +41,13 @@ MiB = 1024 * KiB
 # The resumable upload protocol requires every chunk but the last to be a
 # multiple of 256 KiB.
 CHUNK_MULTIPLE = 256 * KiB
+# Up to this size an upload is one multipart request (the SDK's own threshold,
+# blob._MAX_MULTIPART_SIZE); the SDK reads such a file into memory.
+MULTIPART_MAX = 8 * MiB
+# A streamed request body is read in pieces this large (urllib3 asks for 16 KiB).
+SEND_PIECE = 1 * MiB
+# Connections requests keeps per host (requests.adapters.DEFAULT_POOLSIZE).
+REQUESTS_POOL = 10
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 
 OPTIONS: dict[str, Option] = {
@@ -50,10 +61,12 @@ OPTIONS: dict[str, Option] = {
         "url", None, "emulator or private endpoint, e.g. http://127.0.0.1:4443 (anonymous "
         "unless credentials_file is set)",
     ),
-    # The default chunk: the measurements are in docs/measurements.md.
+    # The default (one request): the measurements are in docs/measurements.md.
     "chunk_size": Option(
-        "size", 32 * MiB,
-        "resumable upload chunk, a multiple of 256 KiB; client memory is about 2 chunks",
+        "size", None,
+        "bytes per request of a resumable upload (objects over 8 MiB), a multiple of 256 KiB; "
+        "streamed from the file, so memory does not grow with it; a dropped connection sends "
+        "up to this much again. Default: the whole object in one request",
         CHUNK_MULTIPLE, multiple_of=CHUNK_MULTIPLE,
     ),
     "timeout": Option("float", 60.0, "seconds to connect, and to wait for each read", 0.001),
@@ -96,14 +109,14 @@ class GCSBackend(Backend):
         super().__init__(settings)
         self._timeout = settings["timeout"]
         self._chunk_size = settings["chunk_size"]
-        # Checksum policy (the SDK's own validation, on top of our sha256):
+        # Checksum policy (the SDK's own validation, on top of our lot-* checksum):
         # - uploads send crc32c with the final request, and the service refuses
         #   to finalize an object whose bytes do not match: the only check of
-        #   the bytes on their way in (lot-sha256 is metadata, never checked by
+        #   the bytes on their way in (lot-* is metadata, never checked by
         #   the service);
-        # - downloads skip it when lot-sha256 is verified anyway (it covers
+        # - downloads skip it when lot-* is verified anyway (it covers
         #   the whole object end to end) and keep it for objects without
-        #   lot-sha256 (written by other tools) or with verify off.
+        #   lot-* (written by other tools) or with verify off.
         # Only crc32c, and only with its C extension: the SDK's "auto" falls
         # back to md5 or a pure-Python crc32c, both far slower (docs/measurements.md).
         self._crc32c = "crc32c" if _crc32c_available() else None
@@ -113,7 +126,17 @@ class GCSBackend(Backend):
         # that missing or unreadable credentials become a translated PermissionError.
         from google.cloud import storage
 
-        return storage.Client(**client_kwargs(self.settings))
+        client = storage.Client(**client_kwargs(self.settings))
+        files = self.file_concurrency()
+        if files > REQUESTS_POOL:
+            # A connection per file moving at once: beyond its pool, requests
+            # closes every connection after one request and opens a new one.
+            from requests.adapters import HTTPAdapter
+
+            adapter = HTTPAdapter(pool_maxsize=files)
+            client._http.mount("https://", adapter)
+            client._http.mount("http://", adapter)
+        return client
 
     @property
     def endpoint(self) -> str:
@@ -136,7 +159,7 @@ class GCSBackend(Backend):
 
     def iter_objects(self, prefix: StoreURI) -> Iterator[RemoteObject]:
         # A listing returns each object's metadata: the folder download needs
-        # no extra request per object to learn its lot-sha256.
+        # no extra request per object to learn its lot-* checksum.
         # 1000 is GCS's largest page; asked for explicitly because fake-gcs-server
         # otherwise returns any number of objects in one page.
         blobs = self.client.list_blobs(
@@ -146,18 +169,20 @@ class GCSBackend(Backend):
             yield _remote(StoreURI(prefix.scheme, prefix.bucket, blob.name), blob)
 
     def put_file(self, local_path: str, location: StoreURI, size: int, digest) -> None:
-        blob = self._blob(location, chunk_size=self._chunk_size)
-        sha256 = digest()
-        if sha256 is not None:
-            blob.metadata = {CHECKSUM_KEY: sha256}  # sent when the upload starts
+        blob = self._blob(location)
+        checksum = digest()
+        if checksum is not None:
+            blob.metadata = checksum.metadata()  # sent when the upload starts
         try:
-            with open(local_path, "rb") as f:
-                # Streams chunk by chunk from the file; the object is created
-                # only when the final chunk is accepted.
-                blob.upload_from_file(
-                    CountingReader(f, self.sent) if self.progress is not None else f, size=size,
-                    timeout=self._timeout, checksum=self._crc32c, retry=self.retrying,
-                )
+            if size > MULTIPART_MAX:
+                self._put_resumable(blob, local_path, size, digest)
+            else:
+                with open(local_path, "rb") as f:
+                    # One request: metadata, bytes and their crc32c together.
+                    blob.upload_from_file(
+                        CountingReader(f, self.sent) if self.progress is not None else f, size=size,
+                        timeout=self._timeout, checksum=self._crc32c, retry=self.retrying,
+                    )
         except Exception as exc:
             if _is_not_found(exc) or getattr(exc, "code", None) == 410:
                 # A missing bucket, or an upload session the service no longer has
@@ -172,23 +197,81 @@ class GCSBackend(Backend):
                 self._delete_quietly(location, _generation_in(exc))
             raise
 
+    def _put_resumable(self, blob, local_path: str, size: int, digest) -> None:
+        """A resumable upload: the SDK opens the session (the metadata goes with
+        it), then the bytes stream from the file, ``chunk_size`` per request.
+
+        The SDK's own resumable upload would read each chunk into memory, and
+        fake-gcs-server re-reads everything received so far on every chunk
+        (docs/measurements.md); a streamed request needs neither. Like the SDK,
+        a failed request is sent again from its first byte, and the last one
+        carries the crc32c of the whole object: the service refuses to
+        finalize an object whose bytes differ.
+        """
+        crc32c = self._whole_crc32c(local_path, digest())
+        url = blob.create_resumable_upload_session(
+            size=size, timeout=self._timeout, checksum=None, retry=self.retrying
+        )
+        transport = self.client._http
+        per_request = self._chunk_size or size
+        offset = 0
+        with open(local_path, "rb", buffering=0) as f:
+            while True:
+                end = min(offset + per_request, size)
+                headers = {"Content-Type": _CONTENT_TYPE, "Content-Range": f"bytes {offset}-{end - 1}/{size}"}
+                if end == size and crc32c is not None:
+                    headers["x-goog-hash"] = f"crc32c={crc32c}"
+
+                def send(offset: int = offset, end: int = end, headers: dict = headers):
+                    f.seek(offset)
+                    body = _FileRange(f, end - offset, self.sent if self.progress is not None else None)
+                    return transport.request("PUT", url, data=body, headers=headers, timeout=self._timeout)
+
+                response = self.retrying(lambda: _upload_reply(send()))()
+                if response.status_code != 308:
+                    break
+                # Not finished: the service says how far it got (it may keep less than was sent).
+                kept = _range_end(response.headers.get("range"))
+                if kept <= offset:
+                    raise ConnectionError(f"the upload session for {blob.name} kept none of the "
+                                          f"{end - offset} bytes sent at offset {offset}")
+                offset = kept
+        received = response.json().get("crc32c")
+        if crc32c is not None and received != crc32c:
+            raise _media_errors()[0](
+                response, f"crc32c mismatch: sent {crc32c}, the service stored {received}"
+            )
+
+    def _whole_crc32c(self, local_path: str, checksum) -> str | None:
+        """The file's crc32c as GCS writes it (base64 of 4 big-endian bytes): the
+        checksum ``digest()`` gave if that is a crc32c, else computed here."""
+        if getattr(checksum, "algorithm", None) == "crc32c":
+            value = int(checksum.value, 16)
+        elif self._crc32c is None:
+            return None  # no C extension: a pure-Python crc32c would be far slower than the upload
+        else:
+            from covalent_lot._checksum import file_checksum
+
+            value = int(file_checksum(local_path, "crc32c")[0].value, 16)
+        return base64.b64encode(value.to_bytes(4, "big")).decode("ascii")
+
     def get_into(self, obj: RemoteObject, sink: VerifyingSink, start: int = 0) -> RemoteObject:
         location = obj.location
         if obj.version is None:
             obj = self.stat(location)
-        verified_by_sha256 = self.settings["verify"] and obj.sha256 is not None
+        verified_by_ours = self.settings["verify"] and obj.checksum is not None
         blob = self._blob(location, generation=int(obj.version))
         # The SDK writes in 8 KiB pieces: handed on in larger ones (docs/measurements.md).
         writer = CoalescingWriter(sink)
         try:
             # One streaming GET (no chunk_size: ranged requests halve the speed)
-            # of exactly the generation whose lot-sha256 we hold.
+            # of exactly the generation whose lot-* checksum we hold.
             blob.download_to_file(
                 writer,
                 start=start or None,  # a resumed download: the rest only
                 timeout=self._timeout,
                 # (a crc32c covers whole objects only)
-                checksum=None if verified_by_sha256 or start else self._crc32c,
+                checksum=None if verified_by_ours or start else self._crc32c,
                 retry=None,
             )
             writer.flush()
@@ -198,7 +281,7 @@ class GCSBackend(Backend):
             if _is_data_corruption(exc):
                 raise ChecksumMismatchError(
                     f"checksum mismatch for {location}: the crc32c of the bytes received differs "
-                    f"from the one the service stored for generation {obj.version} (no lot-sha256 "
+                    f"from the one the service stored for generation {obj.version} (no lot-* checksum "
                     "to check instead); the object is corrupted at rest or was changed in transit. "
                     "The destination was left untouched."
                 ) from exc
@@ -208,10 +291,10 @@ class GCSBackend(Backend):
     def copy(self, source: RemoteObject, destination: StoreURI) -> None:
         if source.version is None:
             source = self.stat(source.location)
-        # sourceGeneration pins the bytes whose lot-sha256 is copied with them.
+        # sourceGeneration pins the bytes whose lot-* checksum is copied with them.
         src = self._blob(source.location, generation=int(source.version))
         # A destination with no properties of its own takes the source's
-        # metadata (lot-sha256 included).
+        # metadata (the lot-* checksum included).
         dst = self._blob(destination)
         token = None
         try:
@@ -306,10 +389,64 @@ def _remote(location: StoreURI, blob) -> RemoteObject:
     return RemoteObject(
         location,
         int(blob.size or 0),
-        metadata.get(CHECKSUM_KEY),
+        from_metadata(metadata),
         None if generation is None else str(generation),
         epoch_seconds(blob.updated),
     )
+
+
+_CONTENT_TYPE = "application/octet-stream"  # what the SDK sends for objects without a type
+
+
+class _FileRange:
+    """``length`` bytes of an open file from where it stands, as a request body.
+
+    Read in ``SEND_PIECE`` pieces whatever size is asked (urllib3 asks for
+    16 KiB: 64 times the Python calls for the same bytes); ``report(n)`` is
+    told of each piece.
+    """
+
+    def __init__(self, f, length: int, report: Callable[[int], None] | None):
+        self._f = f
+        self._length = length
+        self._left = length
+        self._report = report
+
+    def __len__(self) -> int:  # requests sends it as Content-Length
+        return self._length
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._left:
+            return b""
+        data = self._f.read(min(self._left, SEND_PIECE))
+        if not data:
+            # Not an OSError: urllib3 would take it for a dropped connection and retry.
+            raise ValueError(f"upload source {self._f.name!r} ended {self._left} bytes early; it "
+                             "was truncated while it was uploaded. Write it completely first.")
+        self._left -= len(data)
+        if self._report is not None:
+            self._report(len(data))
+        return data
+
+
+def _upload_reply(response):
+    """The response to one request of a resumable upload: 200/201 (finished) or
+    308 (more to send); any other status raised as the API's error."""
+    if response.status_code in (200, 201, 308):
+        return response
+    from google.api_core import exceptions as gx
+
+    raise gx.from_http_response(response)
+
+
+def _range_end(value: str | None) -> int:
+    """The offset after the bytes a 308's ``Range: bytes=0-N`` says are kept (0 without one)."""
+    if not value:
+        return 0
+    match = re.fullmatch(r"bytes=0-(\d+)", value.strip())
+    if match is None:
+        raise ConnectionError(f"unexpected Range header in a resumable upload's reply: {value!r}")
+    return int(match.group(1)) + 1
 
 
 def _is_not_found(exc: BaseException) -> bool:

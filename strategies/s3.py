@@ -19,7 +19,8 @@ from covalent_lot._backend import Backend, RemoteObject, epoch_seconds
 from covalent_lot._errors import (
     HTTP_STATUS_KINDS, Classified, ErrorKind, MissingBucket, codes_to_kinds, http_verdict,
 )
-from covalent_lot._stream import CHECKSUM_KEY, VerifyingSink
+from covalent_lot._checksum import from_metadata
+from covalent_lot._stream import VerifyingSink
 from covalent_lot._strategy import LotStrategy
 from covalent_lot._uri import StoreURI
 
@@ -154,7 +155,7 @@ class S3Backend(Backend):
         return RemoteObject(
             location,
             response["ContentLength"],
-            response.get("Metadata", {}).get(CHECKSUM_KEY),
+            from_metadata(response.get("Metadata")),
             response.get("ETag"),
             epoch_seconds(response.get("LastModified")),
         )
@@ -172,9 +173,9 @@ class S3Backend(Backend):
 
     def put_file(self, local_path: str, location: StoreURI, size: int, digest) -> None:
         extra = dict(self._extra)
-        sha256 = digest()
-        if sha256 is not None:
-            extra["Metadata"] = {CHECKSUM_KEY: sha256}
+        checksum = digest()
+        if checksum is not None:
+            extra["Metadata"] = checksum.metadata()
         # Single PUTs and multipart uploads both become visible only when
         # complete; a failed multipart upload is aborted by boto3.
         self.client.upload_file(local_path, location.bucket, location.key,
@@ -200,8 +201,8 @@ class S3Backend(Backend):
             finally:
                 body.close()
             seen = self._object(location, response)
-            return RemoteObject(location, start + seen.size, seen.sha256, seen.version, seen.modified)
-        if obj.sha256 is None:
+            return RemoteObject(location, start + seen.size, seen.checksum, seen.version, seen.modified)
+        if obj.checksum is None:
             obj = self.stat(location)  # a listing has no metadata; the checksum is in HEAD
         # boto3 writes ranges in parallel (seek + write); the sink hashes them.
         # It pins the ranged GETs to the ETag it sees (IfMatch) by itself, and
@@ -213,7 +214,7 @@ class S3Backend(Backend):
         extra: dict[str, Any] = dict(self._extra)
         if source.version:
             extra["CopySourceIfMatch"] = source.version
-        # boto3's managed copy keeps metadata (incl. lot-sha256) for single and multipart copies.
+        # boto3's managed copy keeps metadata (incl. the lot-* checksum) for single and multipart copies.
         self.client.copy({"Bucket": source.location.bucket, "Key": source.location.key},
                           destination.bucket, destination.key, ExtraArgs=extra, Config=self._transfer)
 

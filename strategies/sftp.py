@@ -3,8 +3,9 @@
 The authority is the "bucket", the absolute path without its leading '/' the
 key. What object stores give for free is built from files here: an upload
 writes ``.<name>.lot-partial-<random>`` and renames it into place after every
-byte was acknowledged; the sha256 lives in a sidecar ``<name>.lot-sha256``
-(``sha256sum`` format) written before that rename; listings hide both. No
+byte was acknowledged; the checksum lives in a sidecar ``<name>.lot-crc32c``
+or ``<name>.lot-sha256`` (the hex value) written before that rename;
+listings hide both. No
 shell is ever involved. Host keys are verified against known_hosts; keys are
 taken by path or from the ssh-agent on the executor. The SSH libraries sit
 behind ``_sftp_wire.Session`` (``_sftp_paramiko``, ``_sftp_asyncssh``); the
@@ -23,6 +24,7 @@ from collections import deque
 from typing import Any, Callable, Iterator, Mapping
 
 from covalent_lot._backend import Backend, RemoteObject, epoch_seconds
+from covalent_lot._checksum import ALGORITHMS, Checksum
 from covalent_lot._errors import Classified, ErrorKind, MissingBucket
 from covalent_lot._stream import TEMP_MARK, ConfirmedPrefix, VerifyingSink, temp_name
 from covalent_lot._strategy import LotStrategy
@@ -34,17 +36,23 @@ from covalent_lot.strategies._sftp_wire import (
 
 log = logging.getLogger("covalent_lot")
 
-__all__ = ["SFTPStrategy", "SFTPBackend", "OPTIONS", "SIDECAR_SUFFIX", "split_authority"]
+__all__ = ["SFTPStrategy", "SFTPBackend", "OPTIONS", "SIDECAR_SUFFIXES", "split_authority"]
 
-SIDECAR_SUFFIX = ".lot-sha256"
+# One sidecar per object, named after the checksum it holds; both names are as long.
+SIDECAR_SUFFIXES = {algorithm: f".lot-{algorithm}" for algorithm in ALGORITHMS}
+SIDECAR_LEN = max(len(suffix) for suffix in SIDECAR_SUFFIXES.values())
 NAME_MAX = 255  # bytes per path segment on common server filesystems
 
 def remote_path(location: StoreURI) -> str:
     return "/" + location.key
 
 
-def sidecar_path(path: str) -> str:
-    return path + SIDECAR_SUFFIX
+def sidecar_path(path: str, algorithm: str = "sha256") -> str:
+    return path + SIDECAR_SUFFIXES[algorithm]
+
+
+def _is_sidecar(name: str) -> bool:
+    return name.endswith(tuple(SIDECAR_SUFFIXES.values()))
 
 
 def partial_path(path: str) -> str:
@@ -84,8 +92,8 @@ def _remove_quietly(sftp, path: str) -> None:
         sftp.remove(path)
 
 
-def _object(location: StoreURI, attrs, sha256: str | None) -> RemoteObject:
-    return RemoteObject(location, attrs.st_size, sha256, f"{attrs.st_size}:{attrs.st_mtime}",
+def _object(location: StoreURI, attrs, checksum: Checksum | None) -> RemoteObject:
+    return RemoteObject(location, attrs.st_size, checksum, f"{attrs.st_size}:{attrs.st_mtime}",
                         epoch_seconds(attrs.st_mtime))
 
 
@@ -160,14 +168,20 @@ class SFTPBackend(Backend):
         self._unfinished.clear()
 
     # --- files and directories ----------------------------------------------------------
-    def _read_sidecar(self, sftp, path: str) -> str | None:
-        try:
-            with sftp.open(sidecar_path(path), "rb") as f:
-                text = f.read(200).decode("ascii", "replace").strip()
-        except FileNotFoundError:
-            return None
-        digest = text.split()[0].lower() if text else ""
-        return digest if len(digest) == 64 else None
+    def _read_sidecar(self, sftp, path: str, names: set[str] | None = None) -> Checksum | None:
+        """The checksum beside ``path`` (crc32c's sidecar first); ``names``: the
+        directory's entries, when a listing already says which sidecar exists."""
+        for algorithm in ALGORITHMS:
+            side = sidecar_path(path, algorithm)
+            if names is not None and posixpath.basename(side) not in names:
+                continue
+            try:
+                with sftp.open(side, "rb") as f:
+                    text = f.read(200).decode("ascii", "replace").strip()
+            except FileNotFoundError:
+                continue
+            return Checksum.of(algorithm, text.split()[0] if text else "")
+        return None
 
     def _makedirs(self, session: Session, directory: str) -> None:
         if directory in ("/", "") or directory in session.known_dirs:
@@ -206,18 +220,19 @@ class SFTPBackend(Backend):
 
         self._extension(session, "posix-rename", lambda: sftp.posix_rename(source, target), replace)
 
-    def _place(self, session: Session, partial: str, path: str, sha256: str | None) -> None:
-        """The sidecar first (written atomically, or removed: never a stale checksum),
-        then the partial file renamed to ``path``."""
+    def _place(self, session: Session, partial: str, path: str, checksum: Checksum | None) -> None:
+        """The sidecar first (written atomically; any other removed: never a stale
+        checksum), then the partial file renamed to ``path``."""
         sftp = session.primary
-        if sha256 is None:
-            _remove_quietly(sftp, sidecar_path(path))
-        else:
-            side = partial_path(sidecar_path(path))
+        for algorithm in ALGORITHMS:
+            if checksum is None or algorithm != checksum.algorithm:
+                _remove_quietly(sftp, sidecar_path(path, algorithm))
+        if checksum is not None:
+            side = partial_path(sidecar_path(path, checksum.algorithm))
             try:
                 with sftp.open(side, "wb") as f:
-                    f.write((sha256 + "\n").encode("ascii"))
-                self._rename(session, side, sidecar_path(path))
+                    f.write((checksum.value + "\n").encode("ascii"))
+                self._rename(session, side, sidecar_path(path, checksum.algorithm))
             except BaseException:
                 _remove_quietly(sftp, side)
                 raise
@@ -250,13 +265,13 @@ class SFTPBackend(Backend):
             names = {e.filename for e in entries}
             for entry in sorted(entries, key=lambda e: e.filename):
                 name = entry.filename
-                if TEMP_MARK in name or name.endswith(SIDECAR_SUFFIX):
+                if TEMP_MARK in name or _is_sidecar(name):
                     continue
                 path = posixpath.join(directory, name)
                 if stat_module.S_ISDIR(entry.st_mode):
                     pending.append((path, key_prefix + name + "/", sftp.listdir_attr(path)))
                 elif stat_module.S_ISREG(entry.st_mode):
-                    digest = self._read_sidecar(sftp, path) if name + SIDECAR_SUFFIX in names else None
+                    digest = self._read_sidecar(sftp, path, names)
                     yield _object(StoreURI(prefix.scheme, prefix.bucket, key_prefix + name), entry, digest)
 
     def missing_container(self, location: StoreURI, cause: BaseException) -> MissingBucket | None:
@@ -274,7 +289,7 @@ class SFTPBackend(Backend):
         return None if missing is None else _MissingDirectory(missing)
 
     def put_file(self, local_path: str, location: StoreURI, size: int,
-                 digest: Callable[[], str | None]) -> None:
+                 digest: Callable[[], Checksum | None]) -> None:
         session = self._session_for(location)
         path = remote_path(location)
         if location.is_folder:
@@ -319,7 +334,7 @@ class SFTPBackend(Backend):
         path = remote_path(obj.location)
         size = session.primary.stat(path).st_size
         session.transfer(path, size, sink=sink, start=start)
-        return RemoteObject(obj.location, size, obj.sha256, obj.version)
+        return RemoteObject(obj.location, size, obj.checksum, obj.version)
 
     def copy(self, source: RemoteObject, destination: StoreURI) -> None:
         session = self._session_for(source.location)
@@ -330,7 +345,7 @@ class SFTPBackend(Backend):
         try:
             self._extension(session, "copy-data", lambda: session.remote_copy(src, partial),
                             lambda: session.relay(src, partial, self.settings["chunk_size"]))
-            self._place(session, partial, dst, source.sha256)
+            self._place(session, partial, dst, source.checksum)
         except BaseException:
             if session.active:
                 _remove_quietly(session.primary, partial)
@@ -340,7 +355,8 @@ class SFTPBackend(Backend):
         sftp = self._session_for(location).primary
         path = remote_path(location)
         sftp.remove(path)
-        _remove_quietly(sftp, sidecar_path(path))
+        for algorithm in ALGORITHMS:
+            _remove_quietly(sftp, sidecar_path(path, algorithm))
 
     # --- the error table ----------------------------------------------------------------
     def classify_one(self, err: BaseException) -> Classified | None:
@@ -389,9 +405,9 @@ class SFTPStrategy(LotStrategy):
                     f"SFTP file names are at most {NAME_MAX} bytes per path segment; "
                     f"{segment[:40]!r}... in {location} is longer: shorten it"
                 )
-        if not location.is_folder and len(segments[-1].encode("utf-8")) > NAME_MAX - len(SIDECAR_SUFFIX):
+        if not location.is_folder and len(segments[-1].encode("utf-8")) > NAME_MAX - SIDECAR_LEN:
             raise ValueError(
-                f"SFTP file names are at most {NAME_MAX - len(SIDECAR_SUFFIX)} bytes here (the checksum "
-                f"sidecar <name>{SIDECAR_SUFFIX} must fit in {NAME_MAX}); {segments[-1][:40]!r}... in "
+                f"SFTP file names are at most {NAME_MAX - SIDECAR_LEN} bytes here (the checksum "
+                f"sidecar <name>.lot-crc32c must fit in {NAME_MAX}); {segments[-1][:40]!r}... in "
                 f"{location} is longer: shorten it"
             )

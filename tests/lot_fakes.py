@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 from covalent_lot._backend import Backend, RemoteObject
+from covalent_lot._checksum import Checksum, new_hasher
 from covalent_lot._errors import Classified, ErrorKind
 from covalent_lot._stream import VerifyingSink
 from covalent_lot._uri import StoreURI
@@ -57,12 +58,15 @@ class FakeServiceError(Exception):
 @dataclass
 class Stored:
     data: bytes
-    sha256: str | None
+    checksum: Checksum | None
     version: str
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def checksum_of(data: bytes, algorithm: str = "crc32c") -> Checksum:
+    """What covalent-lot stores for ``data`` (crc32c unless told otherwise)."""
+    hasher = new_hasher(algorithm)
+    hasher.update(data)
+    return Checksum(algorithm, hasher.hexdigest())
 
 
 class MemoryBackend(Backend):
@@ -75,7 +79,7 @@ class MemoryBackend(Backend):
         self.calls: Counter[str] = Counter()
         # Exceptions raised by get_into after half the bytes were written, one per call.
         self.read_failures: list[BaseException] = []
-        # Bytes returned instead of the stored ones (the stored sha256 is kept).
+        # Bytes returned instead of the stored ones (the stored checksum is kept).
         self.serve_instead: dict[str, bytes] = {}
         # Write the chunks of a read in reverse order (like parallel ranged GETs).
         self.reverse_writes = False
@@ -87,8 +91,11 @@ class MemoryBackend(Backend):
         self.served = 0  # bytes get_into wrote, all attempts together
 
     # --- helpers for tests ---------------------------------------------------------------
-    def add(self, bucket: str, key: str, data: bytes, sha256: str | None | bool = True) -> None:
-        digest = sha(data) if sha256 is True else (None if sha256 is False else sha256)
+    def add(self, bucket: str, key: str, data: bytes, checksum: Checksum | str | None | bool = True) -> None:
+        """Store ``data``; ``checksum``: True its crc32c, False none, a string parsed
+        (``crc32c:...``; a bare hex is a sha256), a Checksum as it is."""
+        digest = checksum_of(data) if checksum is True else (
+            None if checksum is False else (Checksum.parse(checksum) if isinstance(checksum, str) else checksum))
         self.objects[(bucket, key)] = Stored(data, digest, f'"v{next(_versions)}"')
 
     def keys(self, bucket: str = "bkt") -> list[str]:
@@ -111,7 +118,7 @@ class MemoryBackend(Backend):
     def stat(self, location: StoreURI) -> RemoteObject:
         self.calls["stat"] += 1
         stored = self._get(location)
-        return RemoteObject(location, len(stored.data), stored.sha256, stored.version)
+        return RemoteObject(location, len(stored.data), stored.checksum, stored.version)
 
     def iter_objects(self, prefix: StoreURI) -> Iterator[RemoteObject]:
         self.calls["iter_objects"] += 1
@@ -154,13 +161,13 @@ class MemoryBackend(Backend):
             self.served += len(data[offset:offset + self.chunk])
         if failure is not None:
             raise failure
-        return RemoteObject(obj.location, len(stored.data), stored.sha256, stored.version)
+        return RemoteObject(obj.location, len(stored.data), stored.checksum, stored.version)
 
     def copy(self, source: RemoteObject, destination: StoreURI) -> None:
         self.calls["copy"] += 1
         stored = self._get(source.location)
         self.objects[(destination.bucket, destination.key)] = Stored(
-            stored.data, stored.sha256, f'"v{next(_versions)}"')
+            stored.data, stored.checksum, f'"v{next(_versions)}"')
 
     def delete(self, location: StoreURI) -> None:
         self.calls["delete"] += 1

@@ -16,6 +16,7 @@ from azure.core import exceptions as ax
 from azure.core.pipeline.transport import HttpRequest, RequestsTransportResponse
 from azure.storage.blob import BlobProperties, CopyProperties
 
+from covalent_lot._checksum import Checksum
 from covalent_lot._backend import RemoteObject
 from covalent_lot._engine import Engine
 from covalent_lot._errors import TRANSIENT, ErrorKind, translate
@@ -402,11 +403,14 @@ def test_display_url_drops_secrets(auth):
 # --- what the SDK's models say ---------------------------------------------------------------------
 
 def test_checksum_is_read_from_metadata_of_any_case(az):
-    assert az.METADATA_KEY == "lot_sha256" and az.METADATA_KEY.isidentifier()
-    props = BlobProperties(metadata={"Lot_SHA256": "abc"}, **{"Content-Length": 5, "ETag": '"0x1"'})
-    assert az.stored_object(LOCATION, props) == RemoteObject(LOCATION, 5, "abc", '"0x1"')
-    assert az.stored_object(LOCATION, BlobProperties(metadata={"other": "x"})).sha256 is None
-    assert az.stored_object(LOCATION, BlobProperties()).sha256 is None
+    assert Checksum("crc32c", "0" * 8).metadata(az.METADATA_SEP) == {"lot_crc32c": "0" * 8}
+    props = BlobProperties(metadata={"Lot_SHA256": "AB" * 32}, **{"Content-Length": 5, "ETag": '"0x1"'})
+    assert az.stored_object(LOCATION, props) == RemoteObject(LOCATION, 5, Checksum("sha256", "ab" * 32), '"0x1"')
+    props = BlobProperties(metadata={"LOT_CRC32C": "1234abcd"}, **{"Content-Length": 5, "ETag": '"0x1"'})
+    assert az.stored_object(LOCATION, props).checksum == Checksum("crc32c", "1234abcd")
+    assert az.stored_object(LOCATION, BlobProperties(metadata={"other": "x"})).checksum is None
+    assert az.stored_object(LOCATION, BlobProperties(metadata={"lot_sha256": "abc"})).checksum is None  # malformed
+    assert az.stored_object(LOCATION, BlobProperties()).checksum is None
 
 
 def test_listings_skip_directory_markers(az):

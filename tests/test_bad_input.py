@@ -399,8 +399,8 @@ def test_object_rewritten_with_a_stale_checksum_after_listing_fails(changing, tm
     from covalent_lot import ChecksumMismatchError
 
     engine, backend = changing
-    stale = lot_fakes.sha(b"old b")
-    backend.after_listing = lambda b: b.add("bkt", "d/b.bin", b"tampered", sha256=stale)
+    stale = lot_fakes.checksum_of(b"old b")
+    backend.after_listing = lambda b: b.add("bkt", "d/b.bin", b"tampered", checksum=stale)
     with pytest.raises(ChecksumMismatchError, match="s3://bkt/d/b.bin"):
         engine.download(parse_uri("s3://bkt/d/"), str(tmp_path))
     assert not (tmp_path / "b.bin").exists()

@@ -21,7 +21,7 @@ from covalent_lot._backend import RemoteObject
 from covalent_lot._errors import ErrorKind
 from covalent_lot._uri import StoreURI
 
-from .lot_fakes import STORES, FakeServiceError, MemoryBackend, sha
+from .lot_fakes import STORES, FakeServiceError, MemoryBackend, checksum_of
 
 MiB = 1024 * 1024
 NOW = 1_700_000_000.0
@@ -163,17 +163,17 @@ def test_human_size(size, text):
 
 
 def test_format_listing():
-    digest = sha(b"x")
+    digest = checksum_of(b"x")
     objects = [obj("runs/d1/a.npy", 2048, NOW, digest), obj("runs/d1/b", 5, None)]
     short = cli.format_listing(objects, base="runs/")
-    assert short[0].split() == ["SIZE", "MODIFIED", "SHA256", "KEY"]
-    assert short[1].split()[-2:] == [digest[:12], "d1/a.npy"]
+    assert short[0].split() == ["SIZE", "MODIFIED", "CHECKSUM", "KEY"]
+    assert short[1].split()[-2:] == [str(digest), "d1/a.npy"]
     assert short[1].lstrip().startswith("2.0 KiB")
     assert short[2].split()[-3:] == ["-", "-", "d1/b"]
     assert short[-1] == "2 object(s), 2.0 KiB"
     long = cli.format_listing(objects, base="runs/", long=True)
     assert long[1].split()[0] == "2048"
-    assert long[1].split()[-2:] == [digest, "s3://bkt/runs/d1/a.npy"]
+    assert long[1].split()[-2:] == [str(digest), "s3://bkt/runs/d1/a.npy"]
     assert len({len(line.split("s3://")[0]) for line in long[1:3]}) == 1  # columns aligned
 
 
@@ -249,7 +249,7 @@ def test_cp_up_ls_and_down(capsys, store, tmp_path):
 
     (tmp_path / "down").mkdir()
     code, out, _ = run(capsys, "cp", "s3://bkt/runs/d1/a.bin", str(tmp_path / "down"))
-    assert code == 0 and "1/1 sha256 verified" in out
+    assert code == 0 and "1/1 crc32c verified" in out
     assert (tmp_path / "down" / "a.bin").read_bytes() == data
 
 
@@ -274,9 +274,9 @@ def test_ls_json_and_long_show_the_stored_checksum(capsys, store):
     code, out, _ = run(capsys, "ls", "--json", "s3://bkt/k/one")
     assert code == 0
     [record] = json.loads(out)
-    assert record["uri"] == "s3://bkt/k/one" and record["sha256"] == sha(b"1") and record["size"] == 1
+    assert record["uri"] == "s3://bkt/k/one" and record["checksum"] == str(checksum_of(b"1")) and record["size"] == 1
     code, out, _ = run(capsys, "ls", "-l", "s3://bkt/k/")  # the listing has no checksum: asked per object
-    assert out.splitlines()[1].split()[-2:] == [sha(b"1"), "s3://bkt/k/one"]
+    assert out.splitlines()[1].split()[-2:] == [str(checksum_of(b"1")), "s3://bkt/k/one"]
     code, out, _ = run(capsys, "ls", "s3://bkt/k/")
     assert out.splitlines()[1].split()[-2:] == ["-", "one"]
 

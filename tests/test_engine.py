@@ -13,7 +13,7 @@ from covalent_lot._errors import ErrorKind
 from covalent_lot._retry import RetryPolicy
 from covalent_lot._stream import TEMP_MARK
 
-from .lot_fakes import FakeServiceError, MemoryBackend, sha
+from .lot_fakes import FakeServiceError, MemoryBackend, checksum_of
 
 
 @pytest.fixture
@@ -51,14 +51,14 @@ def test_file_round_trip(tmp_path, engine, backend):
     assert isinstance(stats, TransferStats)
     assert (stats.action, stats.files, stats.bytes, stats.verified) == ("upload", 1, 10_000, 1)
     assert stats.destination == "s3://bkt/runs/in.bin"
-    assert backend.objects[("bkt", "runs/in.bin")].sha256 == sha(data)
+    assert backend.objects[("bkt", "runs/in.bin")].checksum == checksum_of(data)
 
     stats = engine.download(parse_uri("s3://bkt/runs/in.bin"), str(tmp_path / "out" / "out.bin"))
     assert (tmp_path / "out" / "out.bin").read_bytes() == data
     assert (stats.action, stats.files, stats.bytes, stats.verified) == ("download", 1, 10_000, 1)
     assert stats.unverified == [] and stats.retries == 0
     assert temp_files(tmp_path) == []
-    assert "1/1 sha256 verified" in stats.summary()
+    assert "1/1 crc32c verified" in stats.summary()
 
 
 def test_file_to_folder_uri_keeps_its_name(tmp_path, engine, backend):
@@ -80,7 +80,7 @@ def test_out_of_order_reads_are_verified(tmp_path, engine, backend):
 def test_zero_byte_file_round_trip(tmp_path, engine, backend):
     (tmp_path / "empty").write_bytes(b"")
     engine.upload(str(tmp_path / "empty"), parse_uri("s3://bkt/empty"))
-    assert backend.objects[("bkt", "empty")].sha256 == hashlib.sha256(b"").hexdigest()
+    assert backend.objects[("bkt", "empty")].checksum == checksum_of(b"")
     stats = engine.download(parse_uri("s3://bkt/empty"), str(tmp_path / "got"))
     assert (tmp_path / "got").read_bytes() == b""
     assert (stats.files, stats.bytes, stats.verified) == (1, 0, 1)
@@ -185,7 +185,7 @@ def test_checksum_mismatch_leaves_the_destination_untouched(tmp_path, engine, ba
     assert isinstance(info.value, OSError)
     message = str(info.value)
     assert "s3://bkt/k" in message and repr(str(target)) in message
-    assert sha(b"the stored bytes") in message and sha(b"the other bytes!") in message
+    assert str(checksum_of(b"the stored bytes")) in message and str(checksum_of(b"the other bytes!")) in message
     if existing is None:
         assert not target.exists()
     else:
@@ -249,7 +249,7 @@ def test_a_retry_after_a_partial_read_gives_the_whole_file(tmp_path, engine, bac
 
 
 def test_object_without_stored_checksum_downloads_unverified(tmp_path, engine, backend):
-    backend.add("bkt", "p/foreign.bin", b"written by another tool", sha256=False)
+    backend.add("bkt", "p/foreign.bin", b"written by another tool", checksum=False)
     backend.add("bkt", "p/ours.bin", b"ours")
     stats = engine.download(parse_uri("s3://bkt/p/"), str(tmp_path / "dst"))
     assert tree(tmp_path / "dst") == {"foreign.bin": b"written by another tool", "ours.bin": b"ours"}
@@ -263,8 +263,8 @@ def test_verify_off_stores_and_checks_nothing(tmp_path, backend):
     engine = Engine(backend, RetryPolicy(max_attempts=1), verify=False)
     (tmp_path / "a").write_bytes(b"abc")
     stats = engine.upload(str(tmp_path / "a"), parse_uri("s3://bkt/a"))
-    assert backend.objects[("bkt", "a")].sha256 is None and stats.verified == 0
-    backend.add("bkt", "b", b"xyz", sha256="0" * 64)  # a wrong checksum is not looked at
+    assert backend.objects[("bkt", "a")].checksum is None and stats.verified == 0
+    backend.add("bkt", "b", b"xyz", checksum="0" * 64)  # a wrong checksum is not looked at
     stats = engine.download(parse_uri("s3://bkt/b"), str(tmp_path / "b"))
     assert (tmp_path / "b").read_bytes() == b"xyz"
     assert stats.unverified == ["s3://bkt/b"]
@@ -419,6 +419,6 @@ def test_stats_summary():
                           seconds=2.0, retries=1, verified=2)
     assert stats.mib_per_s == 1.0
     assert stats.summary() == (
-        "upload /a -> s3://bkt/a: 2 file(s), 2.0 MiB in 2.00 s (1.0 MiB/s), 1 retries, 2/2 sha256 stored"
+        "upload /a -> s3://bkt/a: 2 file(s), 2.0 MiB in 2.00 s (1.0 MiB/s), 1 retries, 2/2 checksums stored"
     )
     assert TransferStats("download", "a", "b").mib_per_s == 0.0

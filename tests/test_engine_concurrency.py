@@ -13,7 +13,7 @@ from covalent_lot._engine import Engine
 from covalent_lot._retry import RetryPolicy
 from covalent_lot._stream import TEMP_MARK
 
-from .lot_fakes import FakeServiceError, MemoryBackend, sha
+from .lot_fakes import FakeServiceError, MemoryBackend, checksum_of
 from covalent_lot._errors import ErrorKind
 
 
@@ -82,7 +82,7 @@ def test_folder_round_trip_runs_files_concurrently(tmp_path, request):
     assert (up.files, up.verified, up.bytes) == (30, 30, sum(map(len, files.values())))
     assert 1 < backend.peak <= 4
     for key, data in files.items():
-        assert backend.objects[("bkt", "run/" + key)].sha256 == sha(data)
+        assert backend.objects[("bkt", "run/" + key)].checksum == checksum_of(data)
 
     backend.peak = 0
     down = engine.download(parse_uri("s3://bkt/run/"), str(tmp_path / "dst"))

@@ -83,7 +83,7 @@ def test_each_transfer_logs_its_start_and_its_summary(tmp_path, engine, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0].endswith("-> s3://bkt/f: started")
     assert any(m.startswith("uploaded ") for m in messages)  # DEBUG, per file
-    assert "1 file(s)" in messages[-1] and "1/1 sha256 stored" in messages[-1]
+    assert "1 file(s)" in messages[-1] and "1/1 crc32c stored" in messages[-1]
 
 
 def test_epoch_seconds_takes_datetimes_and_numbers():

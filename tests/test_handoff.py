@@ -9,7 +9,7 @@ import pytest
 
 import covalent_lot as lot
 
-from .lot_fakes import STORES, in_memory, sha
+from .lot_fakes import STORES, in_memory, checksum_of
 
 URI = "s3://bkt/runs/{dispatch_id}/x.npy"
 
@@ -166,7 +166,7 @@ def test_transfer_calls_resolve_templates_when_they_run(context, tmp_path, reque
         stats = call_up()
     assert stats.destination == "s3://bkt/runs/d-7/x.npy"
     assert stats.verified == 1
-    assert STORES[store][("bkt", "runs/d-7/x.npy")].sha256 == sha(b"features")
+    assert STORES[store][("bkt", "runs/d-7/x.npy")].checksum == checksum_of(b"features")
 
     with context("d-7", 2):  # the consumer, on the producer's machine
         pre_down()

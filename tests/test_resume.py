@@ -16,7 +16,7 @@ from covalent_lot._errors import ErrorKind
 from covalent_lot._retry import RetryPolicy
 from covalent_lot._stream import TEMP_MARK, VerifyingSink
 
-from .lot_fakes import FakeServiceError, MemoryBackend, counting
+from .lot_fakes import FakeServiceError, MemoryBackend, counting, checksum_of
 
 
 @pytest.fixture
@@ -37,26 +37,28 @@ def reset() -> FakeServiceError:
 
 
 # --- the sink ---------------------------------------------------------------------------
-def test_rewind_keeps_the_in_order_prefix_and_cuts_early_ranges(tmp_path):
+@pytest.mark.parametrize("algorithm", ["sha256", "crc32c"])
+def test_rewind_keeps_the_in_order_prefix_and_cuts_early_ranges(tmp_path, algorithm):
     data = os.urandom(10_000)
     with open(tmp_path / "f", "wb+") as f:
-        sink = VerifyingSink(f)
+        sink = VerifyingSink(f, algorithm)
         sink.write_at(0, data[:3000])
         sink.write_at(6000, data[6000:8000])  # arrived early, past a gap
         assert sink.rewind() == 3000
         assert os.path.getsize(tmp_path / "f") == 3000
         sink.write(data[3000:])  # the resumed read, in order from where the sink stands
-        assert sink.hexdigest() == hashlib.sha256(data).hexdigest()
+        assert sink.checksum() == checksum_of(data, algorithm)
         sink.close()
 
 
-def test_rewind_without_the_prefix_starts_over(tmp_path):
+@pytest.mark.parametrize("algorithm", ["sha256", "crc32c"])
+def test_rewind_without_the_prefix_starts_over(tmp_path, algorithm):
     with open(tmp_path / "f", "wb+") as f:
-        sink = VerifyingSink(f)
+        sink = VerifyingSink(f, algorithm)
         sink.write_at(0, b"stale bytes")
         assert sink.rewind(keep_prefix=False) == 0
         sink.write(b"fresh")
-        assert sink.hexdigest() == hashlib.sha256(b"fresh").hexdigest()
+        assert sink.checksum() == checksum_of(b"fresh", algorithm)
         sink.close()
     assert (tmp_path / "f").read_bytes() == b"fresh"
 
@@ -77,7 +79,7 @@ def test_a_failed_download_resumes_where_it_stopped(tmp_path, engine, backend):
 def test_a_download_not_pinned_to_a_version_starts_over(tmp_path, engine, backend, monkeypatch):
     data = os.urandom(8_000)
     backend.add("bkt", "k", data)
-    unpinned = RemoteObject(parse_uri("s3://bkt/k"), len(data), hashlib.sha256(data).hexdigest(), None)
+    unpinned = RemoteObject(parse_uri("s3://bkt/k"), len(data), checksum_of(data), None)
     monkeypatch.setattr(backend, "stat", lambda location: unpinned)
     backend.read_failures = [reset()]
     engine.download(parse_uri("s3://bkt/k"), str(tmp_path / "k"))

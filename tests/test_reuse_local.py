@@ -11,7 +11,7 @@ from covalent_lot._engine import Engine
 from covalent_lot._retry import RetryPolicy
 from covalent_lot._stream import LOCAL_ATTR, holds_verified, mark_verified
 
-from .lot_fakes import MemoryBackend, sha
+from .lot_fakes import MemoryBackend, checksum_of
 
 URI = parse_uri("s3://bkt/run/x.bin")
 
@@ -87,13 +87,13 @@ def test_the_shortcut_can_be_switched_off(tmp_path, request, settings):
 def test_record_format_and_mismatches(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"abc")
-    digest = sha(b"abc")
+    digest = checksum_of(b"abc")
     assert not holds_verified(str(path), digest, 3)  # no record
     mark_verified(str(path), digest)
-    assert os.getxattr(path, LOCAL_ATTR).decode().split()[0] == digest
+    assert os.getxattr(path, LOCAL_ATTR).decode().split()[0] == str(digest) == f"crc32c:{digest.value}"
     assert holds_verified(str(path), digest, 3)
     assert not holds_verified(str(path), digest, 4)  # the stored size differs
-    assert not holds_verified(str(path), sha(b"abd"), 3)
+    assert not holds_verified(str(path), checksum_of(b"abd"), 3)
     assert not holds_verified(str(tmp_path / "missing"), digest, 3)
     os.setxattr(path, LOCAL_ATTR, b"garbage")
     assert not holds_verified(str(path), digest, 3)

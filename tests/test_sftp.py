@@ -154,6 +154,7 @@ def test_one_backend_talks_to_one_server(serving):
 
 def test_sidecar_and_partial_names(sftp):
     assert sftp.sidecar_path("/d/x.bin") == "/d/x.bin.lot-sha256"
+    assert sftp.sidecar_path("/d/x.bin", "crc32c") == "/d/x.bin.lot-crc32c"
     partial = sftp.partial_path("/d/x.bin")
     assert partial.startswith("/d/.x.bin.lot-partial-")
 

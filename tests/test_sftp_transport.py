@@ -38,7 +38,7 @@ def test_in_order_writes_are_hashed_from_memory_without_a_re_read(tmp_path, monk
         raise AssertionError("in-order bytes were read back from the file")
 
     with atomic_download(str(tmp_path / "out")) as (f, _):
-        sink = VerifyingSink(f)
+        sink = VerifyingSink(f, "sha256")
         monkeypatch.setattr(os, "pread", no_pread)
         for i, block in enumerate(blocks):
             sink.write_at(i * 5000, block)
@@ -51,7 +51,7 @@ def test_in_order_then_out_of_order_writes_still_verify(tmp_path):
     blocks = [bytes([i]) * 5000 for i in range(8)]
     order = [0, 1, 3, 2, 5, 4, 6, 7]
     with atomic_download(str(tmp_path / "out")) as (f, _):
-        sink = VerifyingSink(f)
+        sink = VerifyingSink(f, "sha256")
         for i in order:
             sink.write_at(i * 5000, blocks[i])
         assert sink.hexdigest() == hashlib.sha256(b"".join(blocks)).hexdigest()

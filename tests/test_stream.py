@@ -1,4 +1,4 @@
-"""Streaming sha256 over in-order and ranged writes, and atomic local files."""
+"""Streaming checksums (crc32c, sha256) over in-order and ranged writes, and atomic local files."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import google_crc32c
 import pytest
 
 from covalent_lot import _stream
@@ -29,9 +30,25 @@ def read_back_chunk(request, monkeypatch):
     return request.param
 
 
+ALGORITHM = {"name": "sha256"}
+
+
+@pytest.fixture(autouse=True, params=["sha256", "crc32c"])
+def algorithm(request):
+    """Every sink test runs with both checksums."""
+    ALGORITHM["name"] = request.param
+    return request.param
+
+
+def expected(data: bytes) -> str:
+    if ALGORITHM["name"] == "crc32c":
+        return f"{google_crc32c.value(data):08x}"
+    return hashlib.sha256(data).hexdigest()
+
+
 def sink_for(tmp_path, name="out.bin", hashing=True):
     f = open(tmp_path / name, "wb+")
-    return f, VerifyingSink(f, hashing=hashing)
+    return f, VerifyingSink(f, ALGORITHM["name"] if hashing else None)
 
 
 def ranges(size: int, rng: random.Random, largest: int = 5000) -> list[tuple[int, int]]:
@@ -63,7 +80,7 @@ def test_in_order_writes(tmp_path, read_back_chunk):
         for start, end in ranges(len(data), rng):
             assert sink.write(data[start:end]) == end - start
         assert sink.tell() == len(data)
-        assert sink.hexdigest() == hashlib.sha256(data).hexdigest()
+        assert sink.hexdigest() == expected(data)
         assert sink.bytes_written == len(data)
     assert (tmp_path / "out.bin").read_bytes() == data
 
@@ -82,7 +99,7 @@ def test_shuffled_ranged_writes(tmp_path, read_back_chunk, seed):
                 sink.write(data[start:end])
             else:
                 sink.write_at(start, data[start:end])
-        assert sink.hexdigest() == hashlib.sha256(data).hexdigest()
+        assert sink.hexdigest() == expected(data)
     assert (tmp_path / "out.bin").read_bytes() == data
 
 
@@ -103,7 +120,7 @@ def test_shuffled_writes_with_duplicate_and_overlapping_rewrites(tmp_path, read_
     with f:
         for start, end in writes:
             sink.write_at(start, data[start:end])
-        assert sink.hexdigest() == hashlib.sha256(data).hexdigest()
+        assert sink.hexdigest() == expected(data)
     assert (tmp_path / "out.bin").read_bytes() == data
 
 
@@ -114,7 +131,7 @@ def test_rewrite_just_after_an_in_order_write(tmp_path, read_back_chunk):
         sink.write_at(500, data[500:800])  # early
         sink.write_at(0, data[0:600])  # in order, overlaps the early range
         sink.write_at(600, data[600:1000])
-        assert sink.hexdigest() == hashlib.sha256(data).hexdigest()
+        assert sink.hexdigest() == expected(data)
 
 
 def test_early_ranges_merge_in_either_order(tmp_path, read_back_chunk):
@@ -125,7 +142,7 @@ def test_early_ranges_merge_in_either_order(tmp_path, read_back_chunk):
         with f:
             for start, end in order:
                 sink.write_at(start, data[start:end])
-            assert sink.hexdigest() == hashlib.sha256(data).hexdigest(), order
+            assert sink.hexdigest() == expected(data), order
 
 
 def test_last_write_wins_when_bytes_change(tmp_path):
@@ -135,7 +152,7 @@ def test_last_write_wins_when_bytes_change(tmp_path):
         sink.write_at(0, b"aaaa")
         sink.write_at(4, b"bbbb")
         sink.write_at(2, b"XX")
-        assert sink.hexdigest() == hashlib.sha256(b"aaXXbbbb").hexdigest()
+        assert sink.hexdigest() == expected(b"aaXXbbbb")
 
 
 def test_concurrent_ranged_writes(tmp_path, read_back_chunk):
@@ -154,17 +171,17 @@ def test_concurrent_ranged_writes(tmp_path, read_back_chunk):
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda _: barrier.wait(), range(8)))
             list(pool.map(write, parts))
-        assert sink.hexdigest() == hashlib.sha256(data).hexdigest()
+        assert sink.hexdigest() == expected(data)
 
 
 def test_empty_file(tmp_path):
     f, sink = sink_for(tmp_path)
     with f:
-        assert sink.hexdigest() == hashlib.sha256(b"").hexdigest()
+        assert sink.hexdigest() == expected(b"")
     f, sink = sink_for(tmp_path, "empty2")
     with f:
         assert sink.write(b"") == 0
-        assert sink.hexdigest() == hashlib.sha256(b"").hexdigest()
+        assert sink.hexdigest() == expected(b"")
         assert sink.bytes_written == 0
 
 
@@ -174,7 +191,7 @@ def test_hexdigest_can_be_asked_twice(tmp_path):
         sink.write_at(3, b"def")
         sink.write_at(0, b"abc")
         first = sink.hexdigest()
-        assert sink.hexdigest() == first == hashlib.sha256(b"abcdef").hexdigest()
+        assert sink.hexdigest() == first == expected(b"abcdef")
 
 
 def test_hashing_off(tmp_path):
@@ -199,7 +216,7 @@ def test_file_like_surface(tmp_path):
         assert sink.seek(0, os.SEEK_END) == 8
         sink.seek(0)
         sink.write(b"\0" * 6)
-        assert sink.hexdigest() == hashlib.sha256(b"\0" * 6 + b"xy").hexdigest()
+        assert sink.hexdigest() == expected(b"\0" * 6 + b"xy")
 
 
 def test_memoryview_and_bytearray_writes(tmp_path):
@@ -207,7 +224,7 @@ def test_memoryview_and_bytearray_writes(tmp_path):
     with f:
         sink.write(bytearray(b"abc"))
         sink.write(memoryview(b"xxdefxx")[2:5])
-        assert sink.hexdigest() == hashlib.sha256(b"abcdef").hexdigest()
+        assert sink.hexdigest() == expected(b"abcdef")
 
 
 # --- atomic_download -----------------------------------------------------------------

@@ -23,7 +23,7 @@ from covalent_lot._engine import Engine
 from covalent_lot._errors import ErrorKind
 from covalent_lot._retry import RetryPolicy
 
-from .lot_fakes import STORES, FakeServiceError, MemoryBackend, sha
+from .lot_fakes import STORES, FakeServiceError, MemoryBackend, checksum_of
 
 THREADS = 8
 WAIT = 30  # seconds for any thread
@@ -102,7 +102,7 @@ def test_one_engine_many_threads_keeps_bytes_and_stats_apart(tmp_path, shared_en
             (1, len(files["f.bin"]), 1), (2, folder, 2), (1, len(files["f.bin"]), 1), (2, folder, 2)]
         for rel, data in files.items():
             assert (out / rel).read_bytes() == data, (i, rel)
-            assert backend.objects[("bkt", f"t{i}/{rel}")].sha256 == sha(data)
+            assert backend.objects[("bkt", f"t{i}/{rel}")].checksum == checksum_of(data)
         return sum(s.retries for s in stats)
 
     retries = in_threads(own_transfers)
