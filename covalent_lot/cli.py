@@ -373,7 +373,7 @@ Exit status 0 when all is well; otherwise 1, with one line per problem on stderr
     "ls": """\
 examples:
   covalent-lot ls s3://my-bucket/runs/        everything below the folder, recursively
-  covalent-lot ls -l gs://my-bucket/x.npy     exact size, time zone, full sha256 and URI
+  covalent-lot ls -l gs://my-bucket/x.npy     exact size, time zone, full checksum and URI
   covalent-lot ls --json az://container/runs/ | jq '.[].size'
 
 SHA256 is the checksum covalent-lot stored with the object ('-': none stored, or
@@ -387,7 +387,7 @@ examples:
   covalent-lot cp s3://bkt/a/ s3://bkt/b/                      server-side copy
 
 Folders are URIs ending in '/'. Downloads are checked against the stored
-sha256 and appear atomically; a progress bar shows on a terminal above 8 MiB.""",
+checksum (crc32c or sha256) and appear atomically; a progress bar shows on a terminal above 8 MiB.""",
     "rm": """\
 examples:
   covalent-lot rm s3://my-bucket/runs/data.npy
@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--all", action="store_true", help="show options at their defaults too")
     p = command("ls", cmd_ls, "list the objects below a folder URI (recursively), or one object")
     p.add_argument("uri", metavar="URI", help="a folder URI (ending in '/') or an object URI")
-    p.add_argument("-l", "--long", action="store_true", help="exact sizes and times, full sha256 and URI")
+    p.add_argument("-l", "--long", action="store_true", help="exact sizes and times, full checksum and URI")
     p = command("cp", cmd_cp, "copy between local disk and a store, or within a store (server side)")
     p.add_argument("source", metavar="SOURCE", help="local path or URI (a folder: ending in '/')")
     p.add_argument("destination", metavar="DESTINATION", help="local path or URI")
