@@ -2,11 +2,16 @@
 
 paramiko decrypts every packet in one Python thread and copies each byte
 several times on its way to the caller, so with a checksum computed alongside
-its downloads fall well behind OpenSSH's ``sftp``. asyncssh's SFTP client keeps
-``max_concurrency * max_requests`` ranged requests in flight on one channel
-and one event loop and keeps up with OpenSSH (docs/measurements.md). It is
-optional (``pip install covalent-lot[sftp-fast]``); ``transport = auto`` uses
-it when it is installed.
+its downloads fall well behind OpenSSH's ``sftp``. asyncssh runs the SSH
+connection on one event loop and does the ciphers in OpenSSL. It is optional
+(``pip install covalent-lot[sftp-fast]``); ``transport = auto`` uses it when
+it is installed.
+
+Metadata (stat, listings, renames, sidecars) goes through asyncssh's SFTP
+client. Files' bytes go through a second ``sftp`` channel of the session's
+own (``_DataChannel``): requests are sent from the reply callbacks, read
+replies land in the sink without being copied, and the channel takes packets
+of up to a whole reply (docs/measurements.md).
 
 A session here offers what the paramiko one does (see ``_sftp_wire``), raising
 the same built-in exceptions. The event loop runs in one thread per session,
@@ -19,15 +24,29 @@ import asyncio
 import concurrent.futures
 import errno
 import os
+import struct
 import threading
 from typing import Any, Awaitable, Callable, Mapping
 
 from covalent_lot._errors import Classified, ErrorKind
 from covalent_lot._pool import Watchdog
 from covalent_lot._stream import VerifyingSink
-from covalent_lot.strategies._sftp_wire import PREFERRED_CIPHERS, Session, Target, credentials, host_key_error, shape
+from covalent_lot.strategies._sftp_wire import (
+    KiB, MiB, PREFERRED_CIPHERS, Session, Target, credentials, host_key_error, shape,
+)
 
 __all__ = ["connect", "classify_error", "AsyncsshSession"]
+
+# The data channel's receive window and largest packet: downloads arrive in
+# packets of up to one SFTP reply instead of asyncssh's 32 KiB (the server's
+# own limit, 32 KiB, applies to uploads). docs/measurements.md.
+DATA_WINDOW = 16 * MiB
+DATA_PACKET = 256 * KiB
+# Bytes of an upload in flight (read from the file, not yet confirmed): each
+# is held in memory until sent; beyond the server's 2 MiB window more only
+# waits in asyncssh's send buffer.
+UPLOAD_IN_FLIGHT = 8 * MiB
+BATCH_WRITES = True  # see _BatchedTCP
 
 
 def _translate(exc: BaseException) -> BaseException:
@@ -96,10 +115,128 @@ def connect(settings: Mapping[str, Any], target: Target) -> "AsyncsshSession":
         kwargs["client_keys"] = [key_filename]
     if not settings["allow_agent"]:
         kwargs["agent_path"] = None
+    if BATCH_WRITES:
+        kwargs["tunnel"] = _BatchedTCP()
     try:
         return AsyncsshSession(settings, lambda: asyncssh.connect(**kwargs))
     except asyncssh.HostKeyNotVerifiable as exc:
         raise host_key_error(target, known_files) from exc
+
+
+class _BatchedTCP:
+    """A plain TCP connection for asyncssh (its ``tunnel`` hook) whose writes in one
+    turn of the event loop leave in one ``send``.
+
+    asyncssh writes every SSH packet on its own, and a MSG_IGNORE before each
+    data packet: an upload's 32 KiB packets (the server's limit) cost two
+    system calls each, and the server wakes for each (docs/measurements.md).
+    """
+
+    async def create_connection(self, session_factory, host: str, port: int):
+        loop = asyncio.get_running_loop()
+        protocol = session_factory()
+        _, relay = await loop.create_connection(lambda: _Relay(protocol, loop), host, port)
+        return relay.transport, protocol
+
+
+class _Relay(asyncio.Protocol):
+    """The socket's protocol: hands asyncssh a transport that batches writes, passes the rest on."""
+
+    def __init__(self, protocol, loop: asyncio.AbstractEventLoop):
+        self._protocol = protocol
+        self._loop = loop
+        self.transport: _BatchingTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = _BatchingTransport(transport, self._loop)
+        self._protocol.connection_made(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._protocol.data_received(data)
+
+    def eof_received(self):
+        return self._protocol.eof_received()
+
+    def connection_lost(self, exc) -> None:
+        self._protocol.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
+
+
+class _BatchingTransport(asyncio.Transport):
+    """asyncio's socket transport, with the writes of one loop turn joined into one."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._pending: list = []
+        self._flush_scheduled = False
+
+    def write(self, data) -> None:
+        self._pending.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def writelines(self, list_of_data) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name, default=None):
+        return self._transport.get_extra_info(name, default)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(len(d) for d in self._pending)
+
+    def get_write_buffer_limits(self):
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def set_protocol(self, protocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self):
+        return self._transport.get_protocol()
 
 
 class _Attrs:
@@ -178,6 +315,7 @@ class AsyncsshSession(Session):
         self._state = threading.Lock()  # orders close() against new requests
         self._ssh = None
         self.sftp = None
+        self._opening: asyncio.Future | None = None  # the data channel, opened on first use
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="covalent-lot-asyncssh", daemon=True)
         self._thread.start()
@@ -291,80 +429,346 @@ class AsyncsshSession(Session):
     def transfer(self, path: str, size: int, *, sink: VerifyingSink | None = None,
                  upload_fd: int | None = None, start: int = 0,
                  on_written: Callable[[int, int], None] | None = None) -> None:
+        """Move bytes ``[start, size)`` of ``path`` over this session's data channel;
+        ``on_written(offset, length)`` for each write the server confirmed."""
         if size <= start:
             return
         watchdog = Watchdog(self.settings["io_timeout"], f"SFTP {path}")
-
-        async def get(f, offset: int, length: int) -> None:
-            while length:
-                data = await f.read(length, offset)
-                watchdog.beat()
-                if not data:
-                    raise OSError(f"{path} ended at {offset}, before its size: it shrank while read")
-                sink.write_at(offset, data)  # replies come in order: the sink hashes inline
-                offset += len(data)
-                length -= len(data)
-
-        # The engine hashes an upload in a thread alongside: faster than hashing
-        # these same bytes here, on the loop's thread.
-        async def put(f, offset: int, length: int) -> None:
-            data = os.pread(upload_fd, length, offset)
-            if len(data) != length:
-                raise OSError(f"upload source shrank while it was read (at {offset})")
-            await f.write(data, offset)
-            watchdog.beat()
-            if on_written is not None:
-                on_written(offset, length)
-
-        reading = sink is not None
-        self._bulk(self._pipeline(path, "rb" if reading else "r+b", start, size, get if reading else put,
-                                  watchdog), watchdog)
-
-    async def _pipeline(self, path: str, mode: str, start: int, size: int, step, watchdog: Watchdog) -> None:
-        """Run ``step(file, offset, length)`` for each request-sized range of bytes
-        ``[start, size)``, at most ``depth`` at a time: bytes held are bounded by
-        depth * request_size whatever the file size. (block_size=0 makes each
-        read/write one SFTP request; replies are handled as they arrive.)
-        """
         request, depth = shape(self.settings)
-        slots = asyncio.Semaphore(depth * self.settings["max_concurrency"])
-        failures: list[BaseException] = []
-        pending: set[asyncio.Future] = set()
+        depth *= self.settings["max_concurrency"]
+        if sink is None:
+            # An upload holds the bytes it has in flight: bounded (docs/measurements.md).
+            depth = max(1, min(depth, UPLOAD_IN_FLIGHT // request))
+        job = _Job(path, start, size, request, depth, watchdog, sink, upload_fd, on_written)
+        self._bulk(self._move(job), watchdog)
 
-        async def run(f, offset: int, length: int) -> None:
-            try:
-                await step(f, offset, length)
-            except BaseException as exc:  # noqa: BLE001 - raised below, after the others stop
-                failures.append(exc)
-            finally:
-                slots.release()
+    async def _move(self, job: "_Job") -> None:
+        job.done = asyncio.get_running_loop().create_future()
+        channel = await self._data_channel()
+        job.watchdog.beat()
+        await channel.move(job)
 
-        f = await self.sftp.open(path, mode, block_size=0)
-        watchdog.beat()
+    async def _data_channel(self) -> "_DataChannel":
+        """The session's data channel, opened on first use and shared by the files
+        moving at once (one SFTP server process on the other side, not one per file)."""
+        task = self._opening
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None
+                                             or task.result().closed)):
+            task = self._opening = asyncio.ensure_future(self._open_data_channel())
+        return await asyncio.shield(task)
+
+    async def _open_data_channel(self) -> "_DataChannel":
+        import asyncssh
+
         try:
+            _chan, channel = await self._ssh.create_session(
+                _DataChannel, subsystem="sftp", encoding=None, window=DATA_WINDOW, max_pktsize=DATA_PACKET)
+        except asyncssh.ChannelOpenError as exc:
+            raise ConnectionError(f"SFTP data channel refused: {exc.reason}") from exc
+        await channel.ready()
+        return channel
+
+
+# --- bulk data: an SFTP channel of its own ---------------------------------------------------
+# SFTP version 3 (draft-ietf-secsh-filexfer-02): what moving a file's bytes sends and reads.
+_FXP_INIT, _FXP_VERSION, _FXP_OPEN, _FXP_CLOSE, _FXP_READ, _FXP_WRITE = 1, 2, 3, 4, 5, 6
+_FXP_STATUS, _FXP_HANDLE, _FXP_DATA = 101, 102, 103
+_FXF_READ, _FXF_WRITE = 0x1, 0x2
+_FX_OK, _FX_EOF, _FX_NO_SUCH_FILE, _FX_PERMISSION_DENIED = 0, 1, 2, 3
+_HEAD = struct.Struct(">IBI")  # a message's length, type and request id
+_U32 = struct.Struct(">I")
+_LARGEST_REPLY = 256 * KiB + 1024  # OpenSSH's sftp-server sends at most 256 KiB
+
+
+def _string(value: bytes) -> bytes:
+    return _U32.pack(len(value)) + value
+
+
+def _status_error(body: bytes, what: str) -> OSError:
+    """An SFTP status reply other than OK, as the built-in both transports raise."""
+    code = _U32.unpack_from(body)[0] if len(body) >= 4 else -1
+    message = ""
+    if len(body) >= 8:
+        (n,) = _U32.unpack_from(body, 4)
+        message = bytes(body[8:8 + n]).decode("utf-8", "replace")
+    if code == _FX_NO_SUCH_FILE:
+        return FileNotFoundError(errno.ENOENT, message or "no such file", what)
+    if code == _FX_PERMISSION_DENIED:
+        return PermissionError(errno.EACCES, message or "permission denied", what)
+    return OSError(f"{message or f'SFTP status {code}'} ({what})")  # errno None: a server status
+
+
+class _Job:
+    """One file's transfer on the data channel, and how far it got."""
+
+    def __init__(self, path: str, start: int, size: int, request: int, depth: int, watchdog: Watchdog,
+                 sink: VerifyingSink | None, upload_fd: int | None,
+                 on_written: Callable[[int, int], None] | None):
+        self.path, self.size, self.request, self.depth = path, size, request, depth
+        self.watchdog, self.sink, self.upload_fd, self.on_written = watchdog, sink, upload_fd, on_written
+        self.handle = b""  # as an SFTP string (length first)
+        self.next = start  # the first byte not asked for yet
+        self.again: list[tuple[int, int]] = []  # ranges short reads left to ask for again
+        self.in_flight = 0
+        self.buffer: memoryview | None = None  # an upload's requests are read into this
+        self.done: asyncio.Future  # made on the loop
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
+class _DataChannel:
+    """A second ``sftp`` subsystem channel that moves files' bytes (asyncssh's session callbacks).
+
+    asyncssh's SFTP client spends a task, a future and three copies of the data
+    on each request. Here requests go out from the reply callbacks, replies are
+    parsed as the channel delivers them, and the bytes of a read reply go to
+    the sink in the pieces the SSH packets brought (memoryviews, no copy); a
+    write request's bytes are read from the file into the buffer it is sent
+    from. Each file keeps at most ``job.depth`` requests in flight.
+    """
+
+    def __init__(self):
+        loop = asyncio.get_running_loop()  # asyncssh calls the factory on its loop
+        self._chan = None
+        self.closed = False
+        self._next_id = 0
+        self._in_flight: dict[int, tuple[_Job, int, int]] = {}  # id -> (job, offset, length)
+        self._calls: dict[int, asyncio.Future | None] = {}  # open/close: id -> (type, body) waiter
+        self._jobs: set[_Job] = set()
+        self._head = bytearray()  # the message being collected (of a data reply: its head only)
+        self._data: tuple[_Job, int, int] | None = None  # the read whose reply's bytes are arriving
+        self._data_at = 0  # where its next byte goes
+        self._data_left = 0
+        self._version: asyncio.Future = loop.create_future()
+
+    # --- asyncssh's session callbacks -------------------------------------------------------
+    def connection_made(self, chan) -> None:
+        self._chan = chan
+
+    def session_started(self) -> None:
+        self._chan.write(_HEAD.pack(5, _FXP_INIT, 3))  # version 3 (in the id's place)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost(ConnectionError(f"SFTP data channel closed{f': {exc}' if exc is not None else ''}"))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    def exit_status_received(self, status: int) -> None:
+        pass
+
+    def exit_signal_received(self, *args) -> None:
+        pass
+
+    def xon_xoff_requested(self, client_can_do: bool) -> None:
+        pass
+
+    def data_received(self, data: bytes, datatype) -> None:
+        if datatype is not None:
+            return  # the subsystem's stderr
+        try:
+            self._parse(memoryview(data))
+        except Exception as exc:  # noqa: BLE001 - not SFTP: no reply after this one can be trusted
+            self._lost(exc)
+            self._chan.close()
+
+    def _lost(self, exc: BaseException) -> None:
+        self.closed = True
+        if not self._version.done():
+            self._version.set_exception(exc)
+        for waiter in self._calls.values():
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+        self._calls.clear()
+        for job in self._jobs:
+            job.fail(exc)
+        self._in_flight.clear()
+
+    # --- replies ----------------------------------------------------------------------------
+    def _parse(self, view: memoryview) -> None:
+        i, n, head = 0, len(view), self._head
+        while i < n:
+            if self._data_left:  # bytes of a read reply: straight to the sink
+                k = min(self._data_left, n - i)
+                job, offset, asked = self._data
+                if not job.done.done():
+                    try:
+                        job.sink.write_at(self._data_at, view[i:i + k])
+                    except Exception as exc:  # noqa: BLE001 - this file's failure, not the channel's
+                        self._abandon(job, exc)
+                self._data_at += k
+                self._data_left -= k
+                i += k
+                if not self._data_left:
+                    self._read_done(job, offset, asked, self._data_at - offset)
+                continue
+            if len(head) < 9:
+                k = min(9 - len(head), n - i)
+                head += view[i:i + k]
+                i += k
+                if len(head) < 9:
+                    break
+            length, kind, rid = _HEAD.unpack_from(head)
+            if not 5 <= length <= _LARGEST_REPLY:
+                raise ConnectionError(f"SFTP message of {length} bytes on the data channel")
+            reading = kind == _FXP_DATA and rid in self._in_flight
+            want = 13 if reading else 4 + length
+            k = min(want - len(head), n - i)
+            head += view[i:i + k]
+            i += k
+            if len(head) < want:
+                break
+            if reading:
+                (count,) = _U32.unpack_from(head, 9)
+                job, offset, asked = self._data = self._in_flight.pop(rid)
+                if count != length - 9 or count > asked:
+                    raise ConnectionError(f"malformed SFTP data reply for {job.path}")
+                self._data_at, self._data_left = offset, count
+                head.clear()
+                if not count:
+                    self._read_done(job, offset, asked, 0)
+                continue
+            body = bytes(head[9:])
+            head.clear()
+            self._reply(kind, rid, body)
+
+    def _read_done(self, job: _Job, offset: int, asked: int, got: int) -> None:
+        job.in_flight -= 1
+        if job.done.done():
+            return
+        job.watchdog.beat()
+        if not got:
+            return self._abandon(job, OSError(f"{job.path} returned no data at {offset}: it shrank while read"))
+        if got < asked:  # a short read: ask for the rest
+            job.again.append((offset + got, asked - got))
+        self.fill(job)
+
+    def _reply(self, kind: int, rid: int, body: bytes) -> None:
+        if kind == _FXP_VERSION:
+            if not self._version.done():
+                self._version.set_result(rid)  # the version, in the id's place
+            return
+        if rid in self._calls:
+            waiter = self._calls.pop(rid)
+            if waiter is not None and not waiter.done():
+                waiter.set_result((kind, body))
+            return
+        if rid not in self._in_flight:
+            raise ConnectionError(f"SFTP reply {kind} to no request (id {rid})")
+        job, offset, length = self._in_flight.pop(rid)
+        job.in_flight -= 1
+        if job.done.done():
+            return
+        job.watchdog.beat()
+        code = _U32.unpack_from(body)[0] if kind == _FXP_STATUS and len(body) >= 4 else None
+        if job.sink is not None:  # a read answered with a status
+            if code == _FX_EOF:
+                error = OSError(f"{job.path} ended at {offset}, before its size: it shrank while read")
+            elif code is None:
+                error = OSError(f"unexpected SFTP reply {kind} to a read of {job.path}")
+            else:
+                error = _status_error(body, f"read of {job.path}")
+            return self._abandon(job, error)
+        if code != _FX_OK:
+            return self._abandon(job, _status_error(body, f"write to {job.path}") if code is not None
+                                 else OSError(f"unexpected SFTP reply {kind} to a write to {job.path}"))
+        if job.on_written is not None:
+            job.on_written(offset, length)
+        self.fill(job)
+
+    # --- requests ---------------------------------------------------------------------------
+    def _id(self) -> int:
+        rid = self._next_id
+        self._next_id = (rid + 1) & 0xFFFFFFFF
+        return rid
+
+    def _send_call(self, kind: int, payload: bytes, waiter: asyncio.Future | None) -> None:
+        if self.closed:
+            raise ConnectionError("SFTP data channel closed")
+        rid = self._id()
+        self._calls[rid] = waiter
+        self._chan.write(_HEAD.pack(5 + len(payload), kind, rid) + payload)
+
+    async def _call(self, kind: int, payload: bytes) -> tuple[int, bytes]:
+        waiter = asyncio.get_running_loop().create_future()
+        self._send_call(kind, payload, waiter)
+        return await waiter
+
+    async def ready(self) -> None:
+        await self._version
+
+    async def move(self, job: _Job) -> None:
+        """Open ``job``'s file, move its bytes, close it."""
+        kind, body = await self._call(_FXP_OPEN, _string(job.path.encode("utf-8"))
+                                      + _U32.pack(_FXF_READ if job.sink is not None else _FXF_READ | _FXF_WRITE)
+                                      + _U32.pack(0))  # no attributes
+        if kind == _FXP_STATUS:
+            raise _status_error(body, f"open {job.path}")
+        if kind != _FXP_HANDLE or len(body) < 4:
+            raise ConnectionError(f"unexpected SFTP reply {kind} to opening {job.path}")
+        job.handle = body[:4 + _U32.unpack_from(body)[0]]
+        self._jobs.add(job)
+        try:
+            self.fill(job)
+            await job.done
+        finally:
+            self._jobs.discard(job)
+        kind, body = await self._call(_FXP_CLOSE, job.handle)
+        if kind != _FXP_STATUS or _U32.unpack_from(body)[0] != _FX_OK:
+            raise _status_error(body, f"close {job.path}")
+
+    def _abandon(self, job: _Job, exc: BaseException) -> None:
+        """``job`` failed: replies to its requests still on the way are dropped; its file is closed."""
+        job.fail(exc)
+        if not self.closed:
             try:
-                for offset in range(start, size, request):
-                    await slots.acquire()
-                    if failures:
-                        break
-                    task = asyncio.ensure_future(run(f, offset, min(request, size - offset)))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                if pending and not failures:
-                    await asyncio.wait(set(pending))
-            finally:
-                for task in list(pending):
-                    task.cancel()
-                if pending:
-                    await asyncio.gather(*pending, return_exceptions=True)
-            if failures:
-                raise failures[0]
-        except asyncio.CancelledError:
-            raise  # the session is closing, and the file with it
-        except BaseException:
-            try:
-                await f.close()
-            except BaseException:  # noqa: BLE001 - that failure is the one to report
+                self._send_call(_FXP_CLOSE, job.handle, None)
+            except OSError:  # the channel is closing: that closes the file too
                 pass
-            raise
-        await f.close()
+
+    def fill(self, job: _Job) -> None:
+        """Send ``job``'s requests until ``depth`` are in flight; it is done when none is left."""
+        try:
+            self._fill(job)
+        except Exception as exc:  # noqa: BLE001 - this file's failure, not the channel's
+            self._abandon(job, exc)
+
+    def _fill(self, job: _Job) -> None:
+        if job.done.done():
+            return
+        handle, write = job.handle, self._chan.write
+        while job.in_flight < job.depth:
+            if job.again:
+                offset, length = job.again.pop()
+            elif job.next < job.size:
+                offset, length = job.next, min(job.request, job.size - job.next)
+                job.next += length
+            else:
+                break
+            rid = self._id()
+            if job.sink is not None:
+                write(_HEAD.pack(17 + len(handle), _FXP_READ, rid) + handle + struct.pack(">QI", offset, length))
+            else:
+                # The request's head, then the file's bytes read in after it: one buffer,
+                # reused (asyncssh copies what it is given to write).
+                head = (_HEAD.pack(17 + len(handle) + length, _FXP_WRITE, rid) + handle
+                        + struct.pack(">QI", offset, length))
+                end = len(head) + length
+                if job.buffer is None or len(job.buffer) < end:
+                    job.buffer = memoryview(bytearray(end))
+                job.buffer[:len(head)] = head
+                if os.preadv(job.upload_fd, [job.buffer[len(head):end]], offset) != length:
+                    raise OSError(f"upload source shrank while it was read (at {offset})")
+                write(job.buffer[:end])
+            self._in_flight[rid] = (job, offset, length)
+            job.in_flight += 1
+        if not job.in_flight:
+            job.done.set_result(None)
