@@ -639,6 +639,7 @@ def measure_backend(b: Backend, sizes: list[int], sources: dict[int, tuple[Path,
                     if _sits_out(k, b.name, errors):
                         continue
                     key = f"{tool}-{size}.bin"
+                    _fresh_destination(b, bucket, key)
                     r = run_child(b.spec(tool, "up", bucket, key, source))
                     if "error" in r:
                         errors[k] = r["error"]
@@ -701,6 +702,15 @@ def measure_backend(b: Backend, sizes: list[int], sources: dict[int, tuple[Path,
                 log(f"  could not delete {bucket}: {exc}")
     _add_ratios(rows)
     return rows
+
+
+def _fresh_destination(b: Backend, bucket: str, key: str) -> None:
+    """Before an SFTP upload (untimed): remove the file an earlier round left there.
+    rsync -a skips a file whose size and mtime match (round 2 on would measure
+    nothing: 1-2 GiB/s) and would otherwise send deltas; every SFTP tool starts from
+    no file. The object stores overwrite whole objects anyway."""
+    if b.name == "sftp":
+        _remove(b.kit.path(bucket, key))
 
 
 def _seaweed_vacuum(b: Backend) -> None:
