@@ -502,8 +502,20 @@ _TRANSFER_RE = re.compile(
 )
 
 
+def _epoch(when) -> Optional[float]:
+    """A server timestamp (UTC; naive once it has been through the database) as time.time()."""
+    import datetime as dt
+
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
 def _node_info(result) -> dict:
-    """name -> {"seconds": node start to end, "stderr": text} for every node."""
+    """name -> {"seconds": node start to end, "start"/"end": the same as time.time(),
+    "stderr": text} for every node."""
     info = {}
     try:
         nodes = list(result.lattice.transport_graph._graph.nodes)
@@ -517,6 +529,7 @@ def _node_info(result) -> dict:
         start, end = node.get("start_time"), node.get("end_time")
         info[node.get("node_name")] = {
             "seconds": (end - start).total_seconds() if start and end else None,
+            "start": _epoch(start), "end": _epoch(end),
             "stderr": str(node.get("stderr") or ""),
         }
     return info
@@ -617,6 +630,11 @@ def _measure(ct, servers, server, lattice, producer: str, consumer: str, n: int,
         nodes = _node_info(result)
         prod, cons = nodes.get(producer, {}), nodes.get(consumer, {})
         row["producer_s"], row["consumer_s"] = prod.get("seconds"), cons.get("seconds")
+        # The server's view, for explain_gap: when each node was handed to the executor and done.
+        for role, node in (("producer", prod), ("consumer", cons)):
+            for event in ("start", "end"):
+                if node.get(event) is not None:
+                    timeline[f"{role}_node_{event}"] = node[event]
         row["upload_s"] = _transfer_seconds(prod.get("stderr", ""), "upload")
         row["download_s"] = _transfer_seconds(cons.get("stderr", ""), "download")
         for action in ("upload", "download"):  # no INFO line (logging configured otherwise): the hook's
@@ -700,15 +718,18 @@ def explain_gap(handoff: dict, floor: dict) -> dict:
       call, connect and hashing included), cache trimming (keep_bounded): summed
       over both hooks;
     * Covalent hook overhead: producer's return -> upload hook's start, plus
-      download hook's end -> consumer's start (the wrapper unpickling the next call);
+      download hook's end -> consumer's start (the wrapper unpickling the next call),
+      plus the producer's task setup beyond the floor's (its node handed to the
+      executor -> its body starts, as the server recorded the node: fetching the
+      hooks with the task, the upload's pre-transfer hook);
     * the rest: hooks' time outside a named phase (backend close, engine time its
       phases do not cover, the hook's own bookkeeping), the electron bodies' time
       minus the floor's, and the time between the nodes minus the floor's (the
       producer's node finishing, the consumer's being scheduled and its
       pre-transfer hook);
-    * unaccounted: gap minus all of these = dispatch -> producer start (the upload's
-      pre-transfer hook, which makes the local folder, included) and consumer
-      return -> result fetched, handoff minus floor (no timestamp brackets them).
+    * unaccounted: gap minus all of these = dispatch -> the producer's node handed to
+      the executor, and consumer return -> result fetched, handoff minus floor
+      (``unaccounted_before`` / ``unaccounted_after``).
 
     Returns {"gap", parts..., "unaccounted", "engine_phases": bool} or {"error": why}.
     """
@@ -734,11 +755,18 @@ def explain_gap(handoff: dict, floor: dict) -> dict:
     # while the bytes are sent) overlap it: shown, not summed.
     engine_total = sum(v for r in both for k, v in r.get("engine_phases", {}).items() if "alongside" not in k)
     alongside = sum(v for r in both for k, v in r.get("engine_phases", {}).items() if "alongside" in k)
+    # The producer's task setup (node handed to the executor -> body starts: the task's
+    # assets fetched, its pre-transfer hook run) beyond the floor's: the hooks' share.
+    setup = None
+    if "producer_node_start" in th and "producer_node_start" in tf:
+        setup = ((th["producer_start"] - th["producer_node_start"])
+                 - (tf["producer_start"] - tf["producer_node_start"]))
     parts = {
         "imports": phase("load"),
         "settings": phase("settings") + phase("resolve"),
         "client": phase("build") + engine("connect"),
-        "hook_overhead": (up["start"] - th["producer_return"]) + (th["consumer_start"] - down["end"]),
+        "hook_overhead": ((up["start"] - th["producer_return"]) + (th["consumer_start"] - down["end"])
+                          + (setup or 0.0)),
         "hash": engine("hash"),
         "transfer": (engine_total - engine("connect") - engine("hash")) if reported else phase("engine"),
         "keep_bounded": phase("keep_bounded"),
@@ -755,6 +783,13 @@ def explain_gap(handoff: dict, floor: dict) -> dict:
            "alongside": round(alongside, 4), "kept": down.get("kept"),
            "engine_phase_names": sorted({k for r in both for k in r.get("engine_phases", {})})}
     out["unaccounted"] = round(gap - sum(parts[k] for k, _ in GAP_PARTS), 4)
+    out["task_setup"] = None if setup is None else round(setup, 4)
+    # Where the unaccounted time lies: before the producer's body (or its node, where the
+    # server's times are known) and after the consumer's return, handoff - floor.
+    first = "producer_node_start" if setup is not None else "producer_start"
+    if "dispatch" in th and "dispatch" in tf:
+        out["unaccounted_before"] = round((th[first] - th["dispatch"]) - (tf[first] - tf["dispatch"]), 4)
+        out["unaccounted_after"] = round(out["unaccounted"] - out["unaccounted_before"], 4)
     return out
 
 
@@ -776,7 +811,9 @@ def gap_tables(rows: list[dict], size: int) -> tuple[list[str], list[list[str]],
 
     head = ["backend", "floor s", "handoff s", "gap s"] + [title + " s" for _, title in GAP_PARTS] + ["unaccounted s"]
     rest_head = (["backend", "the rest s"] + [title + " s" for _, title in REST_PARTS]
-                 + ["alongside the transfer (overlaps it, not summed) s", "engine phases reported"])
+                 + ["alongside the transfer (overlaps it, not summed) s", "engine phases reported",
+                    "of the hook overhead: producer's task setup s",
+                    "unaccounted: before the producer's node s", "unaccounted: after the consumer's return s"])
     lines, rest_lines = [], []
     floor = next((x for x in rows if x.get("workflow") == FLOOR and x.get("size_mib") == size), None)
     for r in rows:
@@ -791,7 +828,8 @@ def gap_tables(rows: list[dict], size: int) -> tuple[list[str], list[list[str]],
         lines.append([str(r.get("backend")), f(floor.get("wall_s")), f(r.get("wall_s")), f(g["gap"])]
                      + [f(g.get(k)) for k, _ in GAP_PARTS] + [f(g.get("unaccounted"))])
         rest_lines.append([str(r.get("backend")), f(g.get("rest"))] + [f(g.get(k)) for k, _ in REST_PARTS]
-                          + [f(g.get("alongside")), ", ".join(g.get("engine_phase_names") or []) or "none"])
+                          + [f(g.get("alongside")), ", ".join(g.get("engine_phase_names") or []) or "none",
+                             f(g.get("task_setup")), f(g.get("unaccounted_before")), f(g.get("unaccounted_after"))])
     return head, lines, rest_head, rest_lines
 
 

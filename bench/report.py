@@ -365,10 +365,12 @@ def gap_section(e2e: list[dict]) -> list[str]:
              "in the hook (cached after the warm-up); *settings* = resolving options, environment, covalent.conf "
              "and the path placeholders; *client construction* = building the engine and backend plus the engine's "
              "`connect`; *Covalent hook overhead* = producer's return -> upload hook's start + download hook's end "
-             "-> consumer's start; *hashing* = the engine's `hash`; *transfer* = the engine's other phases; *cache "
+             "-> consumer's start + the producer's task setup beyond the floor's (node handed to the executor -> "
+             "body starts, from the server's node times: the hooks fetched with the task, the upload's "
+             "pre-transfer hook); *hashing* = the engine's `hash`; *transfer* = the engine's other phases; *cache "
              "trimming* = keep_bounded; *the rest* = split in the second table; *unaccounted* = the gap minus all "
-             "of these: dispatch -> producer start (the upload's pre-transfer hook included) and consumer return "
-             "-> result fetched (no timestamp brackets them), handoff minus floor.", ""]
+             "of these: dispatch -> the producer's node handed to the executor and consumer return -> result fetched "
+             "(no timestamp of ours brackets them; split in the second table), handoff minus floor.", ""]
     if not any((r.get("gap") or {}).get("engine_phases") for r in e2e if r.get("size_mib") == size):
         parts += ["The engine reported no phases (`TransferStats.phases`) in this run: *transfer* is the whole "
                   "engine call, client connect and hashing included; *client construction* only the "
