@@ -28,7 +28,6 @@ from ._checksum import Checksum, RangeCrc, file_checksum
 
 __all__ = [
     "CHUNK",
-    "CHECKSUM_KEY",
     "sha256_file",
     "file_checksum",
     "VerifyingSink",
@@ -37,7 +36,6 @@ __all__ = [
 ]
 
 CHUNK = 8 * 1024 * 1024
-CHECKSUM_KEY = "lot-sha256"
 # Temporary files carry this mark so that they are recognisable (and ignored
 # by folder uploads) if a process is killed before it could remove them.
 TEMP_MARK = ".lot-partial-"
