@@ -46,7 +46,6 @@ DATA_PACKET = 256 * KiB
 # is held in memory until sent; beyond the server's 2 MiB window more only
 # waits in asyncssh's send buffer.
 UPLOAD_IN_FLIGHT = 8 * MiB
-BATCH_WRITES = True  # see _BatchedTCP
 
 
 def _translate(exc: BaseException) -> BaseException:
@@ -115,128 +114,10 @@ def connect(settings: Mapping[str, Any], target: Target) -> "AsyncsshSession":
         kwargs["client_keys"] = [key_filename]
     if not settings["allow_agent"]:
         kwargs["agent_path"] = None
-    if BATCH_WRITES:
-        kwargs["tunnel"] = _BatchedTCP()
     try:
         return AsyncsshSession(settings, lambda: asyncssh.connect(**kwargs))
     except asyncssh.HostKeyNotVerifiable as exc:
         raise host_key_error(target, known_files) from exc
-
-
-class _BatchedTCP:
-    """A plain TCP connection for asyncssh (its ``tunnel`` hook) whose writes in one
-    turn of the event loop leave in one ``send``.
-
-    asyncssh writes every SSH packet on its own, and a MSG_IGNORE before each
-    data packet: an upload's 32 KiB packets (the server's limit) cost two
-    system calls each, and the server wakes for each (docs/measurements.md).
-    """
-
-    async def create_connection(self, session_factory, host: str, port: int):
-        loop = asyncio.get_running_loop()
-        protocol = session_factory()
-        _, relay = await loop.create_connection(lambda: _Relay(protocol, loop), host, port)
-        return relay.transport, protocol
-
-
-class _Relay(asyncio.Protocol):
-    """The socket's protocol: hands asyncssh a transport that batches writes, passes the rest on."""
-
-    def __init__(self, protocol, loop: asyncio.AbstractEventLoop):
-        self._protocol = protocol
-        self._loop = loop
-        self.transport: _BatchingTransport | None = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = _BatchingTransport(transport, self._loop)
-        self._protocol.connection_made(self.transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._protocol.data_received(data)
-
-    def eof_received(self):
-        return self._protocol.eof_received()
-
-    def connection_lost(self, exc) -> None:
-        self._protocol.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._protocol.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._protocol.resume_writing()
-
-
-class _BatchingTransport(asyncio.Transport):
-    """asyncio's socket transport, with the writes of one loop turn joined into one."""
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
-        super().__init__()
-        self._transport = transport
-        self._loop = loop
-        self._pending: list = []
-        self._flush_scheduled = False
-
-    def write(self, data) -> None:
-        self._pending.append(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def writelines(self, list_of_data) -> None:
-        for data in list_of_data:
-            self.write(data)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        pending, self._pending = self._pending, []
-        if pending and not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def can_write_eof(self) -> bool:
-        return self._transport.can_write_eof()
-
-    def write_eof(self) -> None:
-        self._flush()
-        self._transport.write_eof()
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def abort(self) -> None:
-        self._pending.clear()
-        self._transport.abort()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def get_extra_info(self, name, default=None):
-        return self._transport.get_extra_info(name, default)
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(len(d) for d in self._pending)
-
-    def get_write_buffer_limits(self):
-        return self._transport.get_write_buffer_limits()
-
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
-        self._transport.set_write_buffer_limits(high, low)
-
-    def pause_reading(self) -> None:
-        self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._transport.resume_reading()
-
-    def is_reading(self) -> bool:
-        return self._transport.is_reading()
-
-    def set_protocol(self, protocol) -> None:
-        self._transport.set_protocol(protocol)
-
-    def get_protocol(self):
-        return self._transport.get_protocol()
 
 
 class _Attrs:
