@@ -435,11 +435,13 @@ def markdown(results: dict) -> str:
         "process tree (e.g. sftp + ssh), sampled every 20 ms, absolute",
         "- correct? = sha256 of the downloaded file equals the source's (every round); for uploads, "
         "the stored object read back by the plain SDK (first round); both outside the timed part",
-        "- covalent-lot: `strategy_for(uri).put/get`, checksums on (sha256 stored and verified); "
+        "- covalent-lot: `strategy_for(uri).put/get`, checksums on (stored with every upload, verified on "
+        "every download; the algorithm is covalent-lot's `checksum` option, below); "
         "plain SDK: the same tuned settings as covalent-lot (below); ratio = tool MiB/s / plain SDK "
         "MiB/s (for sftp: / OpenSSH sftp)",
         "- plain SDK calls: boto3 `upload_file`/`download_file` with covalent-lot's TransferConfig; "
-        "google-cloud-storage `upload_from_filename` with covalent-lot's chunk size / "
+        "google-cloud-storage `upload_from_filename` with covalent-lot's chunk size (where that is none, "
+        "one chunk covering the file: one request, as covalent-lot sends it) / "
         "`download_to_filename` without one (one streamed GET), crc32c checked; azure-storage-blob "
         "`upload_blob`/`download_blob(max_concurrency).readinto` with covalent-lot's block sizes and "
         "concurrency; SFTP: OpenSSH `sftp -b -c aes128-gcm@openssh.com` (the cipher covalent-lot "
@@ -454,7 +456,7 @@ def markdown(results: dict) -> str:
     for backend, ls in results.get("lot_settings", {}).items():
         keep = {k: ls[k] for k in ("multipart_threshold", "multipart_chunksize", "max_concurrency", "chunk_size",
                                    "max_block_size", "max_single_put_size", "request_size", "max_requests",
-                                   "verify") if k in ls}
+                                   "verify", "checksum", "transport") if k in ls}
         shown = ", ".join(f"{k}={_size(x)}" for k, x in keep.items())
         parts.append(f"  - {backend}: {shown}")
     parts.append("")

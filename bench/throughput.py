@@ -216,6 +216,17 @@ def _s3_client(s: dict):
                                   max_concurrency=s["max_concurrency"])
 
 
+def _gcs_chunk_size(s: dict, path: str) -> int:
+    """The plain SDK's chunk size: covalent-lot's, or where covalent-lot sends the whole
+    object in one request (chunk_size None) one chunk that covers the file - the same
+    request shape (google-cloud-storage would otherwise use 100 MiB chunks; it reads a
+    chunk into memory, so its peak RSS grows with the file)."""
+    if s.get("chunk_size"):
+        return s["chunk_size"]
+    quantum = 256 * 1024
+    return max(quantum, -(-os.path.getsize(path) // quantum) * quantum)
+
+
 def _prepare_single(spec: dict) -> Callable[[], Any]:
     """Imports and setup (untimed); returns the timed transfer."""
     backend, tool, direction = spec["backend"], spec["tool"], spec["direction"]
@@ -264,7 +275,7 @@ def _prepare_single(spec: dict) -> Callable[[], Any]:
             client = storage.Client(project=s["project"], credentials=AnonymousCredentials(),
                                     client_options={"api_endpoint": s["endpoint"]})
             if up:
-                blob = client.bucket(bucket).blob(key, chunk_size=s["chunk_size"])
+                blob = client.bucket(bucket).blob(key, chunk_size=_gcs_chunk_size(s, path))
                 blob.upload_from_filename(path, checksum="crc32c", timeout=s["timeout"])
             else:
                 # No chunk size on download: one streamed GET (a chunk size turns it
