@@ -47,7 +47,7 @@ soak: $(STAMP)
 
 # Benchmark suite: issue 16's targets in one run (large-file speed and memory vs the
 # plain SDKs, Covalent's own strategies and the SSH peers at 512 MiB and 1 GiB; small
-# files; the seed handoff end to end with where its time goes), ~35 min on 2 cores;
+# files; the seed handoff end to end with where its time goes), ~40 min on 2 cores;
 # QUICK=1 runs the short version. Results in bench/results/latest.md (the compression
 # and across-hosts tables are kept from their own targets' last runs).
 bench: $(STAMP)

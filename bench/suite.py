@@ -57,8 +57,9 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 BACKENDS = tuple(_kits.KIT_CLASSES)
-# Full mode: the sizes issue 16's targets name (512 MiB, 1 GiB), 3 rounds; about 35 min
-# on the 2-core machine (throughput ~25, small files ~4, end to end ~6).
+# Full mode: the sizes issue 16's targets name (512 MiB, 1 GiB), 3 rounds; about 40 min
+# on the 2-core machine (s3 ~7, gcs ~12, azure ~9, sftp ~6 with their small files and
+# probes, end to end ~6; the gcs uploads at 1 GiB, ~25 MiB/s into fake-gcs-server, dominate).
 FULL = {"sizes": [512, 1024], "rounds": 3, "small_files": 1000, "e2e_sizes": [64, 512],
         "compression_mib": 256, "compression_rounds": 3}
 QUICK = {"sizes": [16, 64], "rounds": 1, "small_files": 200, "e2e_sizes": [16, 64],
