@@ -225,7 +225,7 @@ class Engine:
             # here); a copy afterwards to attach it would cost more than the pass.
             digest = _known(file_checksum(path, algorithm)[0])
             stats.add_phase("hash", time.perf_counter() - began)
-        sending = time.perf_counter()
+        sending, connected = time.perf_counter(), self.backend.connected
         try:
             self._guard(
                 "upload to", str(destination),
@@ -236,7 +236,8 @@ class Engine:
             if hashing is not None:
                 hashing.shutdown(wait=True)
         with self._count:
-            stats.add_phase("transfer", time.perf_counter() - sending)
+            stats.add_phase("transfer", time.perf_counter() - sending
+                            - (self.backend.connect_seconds if not connected else 0.0))  # "connect" has that
             if hashing is not None and not future.exception():
                 stats.add_phase("hash (alongside)", future.result()[1])
         after = os.stat(path)

@@ -57,11 +57,11 @@ def main(spec: dict) -> int:
     strategy = covalent_lot.strategy_for(spec["uri"], **spec["options"])
     _say("ready")
     if spec["action"] == "put":
-        from covalent_lot._stream import recorded_sha256
+        from covalent_lot._stream import recorded_checksum
 
-        # The checksum pass reads the whole file before the upload, unless the file
-        # carries the sha256 recorded when an earlier test uploaded it.
-        hashed = recorded_sha256(spec["local"]) is None
+        # The checksum pass reads the whole file, unless the file carries the
+        # checksum recorded when an earlier test uploaded it.
+        hashed = recorded_checksum(spec["local"]) is None
         field, start = "rchar", _io_count("rchar") + (os.path.getsize(spec["local"]) if hashed else 0)
     else:
         field, start = "wchar", _io_count("wchar")
