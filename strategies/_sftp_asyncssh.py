@@ -341,8 +341,11 @@ class AsyncsshSession(Session):
     async def _open_data_channel(self) -> "_DataChannel":
         import asyncssh
 
+        ssh = self._ssh
+        if ssh is None:  # another file's failure closed the session meanwhile
+            raise ConnectionError("SSH connection closed (another file of this transfer failed)")
         try:
-            _chan, channel = await self._ssh.create_session(
+            _chan, channel = await ssh.create_session(
                 _DataChannel, subsystem="sftp", encoding=None, window=DATA_WINDOW, max_pktsize=DATA_PACKET)
         except asyncssh.ChannelOpenError as exc:
             raise ConnectionError(f"SFTP data channel refused: {exc.reason}") from exc

@@ -260,3 +260,29 @@ def test_garbage_on_the_channel_fails_every_file_with_a_connection_error():
 
     run(go())
 
+
+
+def test_a_data_channel_asked_for_after_another_file_closed_the_connection_is_a_connection_error():
+    class NoServer:
+        async def start_sftp_client(self):
+            return None
+
+        def is_closed(self) -> bool:
+            return False
+
+        def close(self) -> None:
+            pass
+
+        async def wait_closed(self) -> None:
+            pass
+
+    async def open_ssh():
+        return NoServer()
+
+    session = t.AsyncsshSession({"io_timeout": 60.0}, open_ssh)
+    try:
+        session._ssh = None  # what close() leaves, seen by a file that was just starting
+        with pytest.raises(ConnectionError, match="closed"):
+            session.run(session._data_channel())
+    finally:
+        session.close()
