@@ -12,6 +12,7 @@ when the transfer runs.
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any, Iterator, Mapping
 
 from covalent_lot._config import Option
@@ -80,6 +81,27 @@ def _bucket_problem(bucket: str) -> str | None:
 
 STREAM_CHUNK = 1 * MiB  # reads of a streamed GET; larger reads were slower (docs/measurements.md)
 
+# botocore's service models (JSON), parsed once per process and shared by every
+# client made in it: a fresh session parses them again (docs/measurements.md).
+# Credentials and profiles are still resolved by each new session.
+_models: dict[str, Any] = {}
+_models_lock = threading.Lock()
+
+
+def _new_session(profile: str | None):
+    import boto3
+    import botocore.loaders
+    import botocore.session
+
+    with _models_lock:
+        loader = _models.setdefault("loader", botocore.loaders.create_loader())
+        core = botocore.session.get_session()
+        core.register_component("data_loader", loader)
+        session = boto3.session.Session(profile_name=profile, botocore_session=core)
+        # boto3 appends its own data folder to the loader's search path per session.
+        loader.search_paths[:] = list(dict.fromkeys(loader.search_paths))
+    return session
+
 
 class S3Backend(Backend):
     scheme = "s3"
@@ -104,12 +126,11 @@ class S3Backend(Backend):
             self._extra["SSEKMSKeyId"] = settings["sse_kms_key_id"]
 
     def connect(self):
-        import boto3
         from botocore.config import Config
 
         settings = self.settings
         # The profile and the credential chain are resolved here, on the executor.
-        session = boto3.session.Session(profile_name=settings["profile"])
+        session = _new_session(settings["profile"])
         self._session = session
         return session.client(
             "s3",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 
 import cloudpickle
 import pytest
@@ -249,6 +251,14 @@ def test_anonymous_client_for_an_endpoint(backend):
     assert backend.endpoint == ENDPOINT
 
 
+@pytest.mark.parametrize("max_files, pool", [(8, 10), (32, 32)])
+def test_a_connection_per_file_thread(gcs, max_files, pool):
+    backend = gcs.GCSBackend(gcs.GCSStrategy(endpoint=ENDPOINT, max_files=max_files).settings.as_dict())
+    adapter = backend.client._http.get_adapter(ENDPOINT)
+    assert adapter._pool_maxsize == pool  # requests' default (10) unless more files move at once
+    backend.close()
+
+
 def test_missing_credentials_file_is_a_permission_error(gcs, tmp_path):
     missing = str(tmp_path / "no-such-key.json")
     backend = gcs.GCSBackend(gcs.GCSStrategy(credentials_file=missing, max_attempts=1).settings.as_dict())
@@ -338,6 +348,293 @@ def test_pickled_transfer_call_carries_the_path_not_the_key(gcs, tmp_path, monke
     for blob in blobs:
         for secret in (*SA_SECRETS, "MIIlotUnitFakeKeyMaterial"):
             assert secret.encode() not in blob
+
+
+# --- streamed resumable uploads (objects over 8 MiB), against an in-process transport ----------
+
+class FakeUploads(requests.adapters.BaseAdapter):
+    """Just enough of GCS's JSON upload API for one bucket: resumable sessions
+    (initiation, ranged PUTs answered 308/200) and object deletes; every request
+    recorded. ``fail`` holds, per PUT number (1-based), an exception to raise
+    after reading the body; ``keep_less`` makes the service keep fewer bytes
+    than sent on a PUT; ``corrupt`` makes it store a flipped byte."""
+
+    def __init__(self):
+        super().__init__()
+        self.requests: list[tuple[str, str, dict]] = []
+        self.sessions: dict[str, dict] = {}
+        self.objects: dict[str, tuple[bytes, dict]] = {}
+        self.fail: dict[int, BaseException] = {}
+        self.keep_less: dict[int, int] = {}
+        self.corrupt = False
+        self.puts = 0
+        self.reported: dict[str, str] = {}  # x-goog-hash values a GET reports instead of the true ones
+
+    def send(self, request, **kwargs):
+        import urllib.parse
+
+        url = urllib.parse.urlsplit(request.url)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        if url.path.endswith("/b/bkt"):  # the SDK's own bucket lookup (google-cloud-storage 3.x: a cache)
+            return self._reply(request, 404, {"error": {"code": 404, "message": "Not Found"}})
+        self.requests.append((request.method, request.url, dict(request.headers)))
+        if request.method == "POST" and query.get("uploadType") == "resumable":
+            upload_id = str(len(self.sessions) + 1)
+            self.sessions[upload_id] = {"meta": json.loads(request.body or b"{}"), "data": bytearray()}
+            location = f"{ENDPOINT}/upload/storage/v1/b/bkt/o?uploadType=resumable&upload_id={upload_id}"
+            return self._reply(request, 200, {}, {"Location": location})
+        if request.method == "PUT" and "upload_id" in query:
+            self.puts += 1
+            body = request.body
+            data = b"".join(iter(lambda: body.read(16 * KiB), b"")) if hasattr(body, "read") else (body or b"")
+            assert len(data) == int(request.headers.get("Content-Length", 0))
+            if self.puts in self.fail:
+                raise self.fail.pop(self.puts)
+            session = self.sessions[query["upload_id"]]
+            first, _, total = request.headers["Content-Range"][len("bytes "):].partition("/")
+            start, _, _end = first.partition("-")
+            assert int(start) == len(session["data"]), "a request must start where the kept bytes end"
+            data = data[:len(data) - self.keep_less.pop(self.puts, 0)]
+            session["data"] += data
+            if len(session["data"]) < int(total):
+                return self._reply(request, 308, {}, {"Range": f"bytes=0-{len(session['data']) - 1}"})
+            stored = bytes(session["data"])
+            if self.corrupt:
+                stored = bytes([stored[0] ^ 1]) + stored[1:]
+            name = session["meta"]["name"]
+            self.objects[name] = (stored, session["meta"])
+            return self._reply(request, 200, {"name": name, "generation": "7", "crc32c": _crc32c_b64(stored)})
+        if request.method == "GET" and query.get("alt") == "media":
+            data, _meta = self.objects[urllib.parse.unquote(url.path.rsplit("/", 1)[-1])]
+            start = int(request.headers.get("range", "bytes=0-")[len("bytes="):].rstrip("-"))
+            response = self._reply(request, 206 if start else 200, None,
+                                   {"x-goog-hash": f"crc32c={self.reported.get('crc32c', _crc32c_b64(data))}"})
+            response.raw = urllib3.response.HTTPResponse(body=io.BytesIO(data[start:]), preload_content=False)
+            return response
+        if request.method == "POST" and query.get("uploadType") == "multipart":
+            return self._reply(request, 200, {"name": "k", "generation": "1"})  # bytes not kept
+        if request.method == "DELETE":
+            self.objects.pop(url.path.rsplit("/", 1)[-1], None)
+            return self._reply(request, 204, None)
+        return self._reply(request, 404, {"error": {"code": 404, "message": "Not Found"}})
+
+    @staticmethod
+    def _reply(request, status, payload, headers=None):
+        response = requests.Response()
+        response.status_code = status
+        response.headers.update(headers or {})
+        response._content = b"" if payload is None else json.dumps(payload).encode()
+        response.request = request
+        response.url = request.url
+        return response
+
+    def close(self):
+        pass
+
+
+def _crc32c_b64(data: bytes) -> str:
+    import base64
+
+    import google_crc32c
+
+    return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
+
+
+def _crc32c_checksum(data: bytes):
+    """What the engine's digest() gives when uploads store a crc32c."""
+    import google_crc32c
+
+    from covalent_lot._checksum import Checksum
+
+    return Checksum("crc32c", f"{google_crc32c.value(data):08x}")
+
+
+@pytest.fixture
+def uploads(gcs):
+    """(make_backend(**options), transport): backends whose requests go to one FakeUploads."""
+    fake = FakeUploads()
+    made = []
+
+    def make(**options):
+        backend = gcs.GCSBackend(gcs.GCSStrategy(endpoint=ENDPOINT, project="test", base_delay=0,
+                                                 **options).settings.as_dict())
+        backend.client._http.mount(ENDPOINT + "/", fake)
+        made.append(backend)
+        return backend
+
+    yield make, fake
+    for backend in made:
+        backend.close()
+
+
+def _source(tmp_path, size: int) -> tuple[str, bytes]:
+    data = os.urandom(size)
+    path = tmp_path / "src.bin"
+    path.write_bytes(data)
+    return str(path), data
+
+
+def _puts(fake: FakeUploads) -> list[dict]:
+    return [headers for method, url, headers in fake.requests if method == "PUT"]
+
+
+def test_resumable_upload_streams_chunk_size_per_request(uploads, tmp_path):
+    make, fake = uploads
+    backend = make(chunk_size="8MiB")
+    sent = []
+    backend.progress = sent.append
+    path, data = _source(tmp_path, 20 * MiB + 4321)
+    backend.put_file(path, StoreURI("gs", "bkt", "k"), len(data), lambda: None)
+    stored, meta = fake.objects["k"]
+    assert stored == data
+    puts = _puts(fake)
+    assert [h["Content-Range"] for h in puts] == [
+        f"bytes 0-{8 * MiB - 1}/{len(data)}", f"bytes {8 * MiB}-{16 * MiB - 1}/{len(data)}",
+        f"bytes {16 * MiB}-{len(data) - 1}/{len(data)}"]
+    # Only the last request carries the whole object's crc32c (computed here: no crc32c was given).
+    assert [h.get("x-goog-hash") for h in puts] == [None, None, f"crc32c={_crc32c_b64(data)}"]
+    assert sum(sent) == len(data) and max(sent) <= 1 * MiB  # read in 1 MiB pieces, not all at once
+
+
+def test_resumable_upload_is_one_request_by_default(uploads, tmp_path):
+    make, fake = uploads
+    path, data = _source(tmp_path, 9 * MiB + 1)
+    checksum = _crc32c_checksum(data)
+    make().put_file(path, StoreURI("gs", "bkt", "k"), len(data), lambda: checksum)
+    assert fake.objects["k"][0] == data
+    (put,) = _puts(fake)
+    assert put["Content-Range"] == f"bytes 0-{len(data) - 1}/{len(data)}"
+    assert put["x-goog-hash"] == f"crc32c={_crc32c_b64(data)}"  # the crc32c the engine computed
+
+
+def test_resumable_upload_sends_the_checksum_metadata_when_the_session_starts(uploads, tmp_path, gcs):
+    make, fake = uploads
+    path, data = _source(tmp_path, 9 * MiB)
+    checksum = _crc32c_checksum(data)
+    make().put_file(path, StoreURI("gs", "bkt", "k"), len(data), lambda: checksum)
+    ((method, url, _headers), *_rest) = fake.requests
+    assert method == "POST" and "uploadType=resumable" in url
+    meta = fake.objects["k"][1]
+    assert meta["name"] == "k", meta
+    assert any(key.startswith("lot-") for key in meta.get("metadata", {})), meta  # travels with the session
+
+
+def test_small_files_stay_one_multipart_request(uploads, tmp_path):
+    make, fake = uploads
+    path, data = _source(tmp_path, 8 * MiB)
+    make().put_file(path, StoreURI("gs", "bkt", "k"), len(data), lambda: None)
+    assert [(m, "uploadType=multipart" in u) for m, u, h in fake.requests] == [("POST", True)]
+
+
+def test_a_failed_request_is_sent_again_from_its_first_byte(uploads, tmp_path):
+    make, fake = uploads
+    fake.fail[2] = requests.exceptions.ConnectionError("connection reset")
+    backend = make(chunk_size="4MiB")
+    path, data = _source(tmp_path, 10 * MiB)
+    backend.put_file(path, StoreURI("gs", "bkt", "k"), len(data), lambda: None)
+    assert fake.objects["k"][0] == data
+    ranges = [h["Content-Range"] for h in _puts(fake)]
+    assert ranges[1] == ranges[2] == f"bytes {4 * MiB}-{8 * MiB - 1}/{len(data)}"
+    assert len(ranges) == 4
+
+
+def test_the_upload_goes_on_from_where_the_service_kept_bytes(uploads, tmp_path):
+    make, fake = uploads
+    fake.keep_less[1] = 256 * KiB  # a 308 that keeps less than was sent
+    path, data = _source(tmp_path, 10 * MiB)
+    make(chunk_size="4MiB").put_file(path, StoreURI("gs", "bkt", "k"), len(data), lambda: None)
+    assert fake.objects["k"][0] == data
+    assert _puts(fake)[1]["Content-Range"].startswith(f"bytes {4 * MiB - 256 * KiB}-")
+
+
+def test_crc32c_mismatch_removes_the_object_and_is_retried_by_the_engine(uploads, tmp_path, gcs):
+    make, fake = uploads
+    fake.corrupt = True
+    backend = make()
+    path, data = _source(tmp_path, 9 * MiB)
+    with pytest.raises(gcs._media_errors()[0]) as info:
+        backend.put_file(path, StoreURI("gs", "bkt", "k"), len(data), lambda: None)
+    assert "k" not in fake.objects  # never left visible
+    deletes = [u for m, u, h in fake.requests if m == "DELETE"]
+    assert len(deletes) == 1 and "generation=7" in deletes[0]
+    assert backend.classify(info.value).transient
+
+
+def test_service_errors_keep_their_status(uploads, tmp_path, gcs):
+    make, fake = uploads
+    backend = make(max_attempts=1)
+
+    def gone(request, **kwargs):
+        if request.method == "PUT":
+            return FakeUploads._reply(request, 503, {"error": {"code": 503, "message": "backendError"}})
+        return FakeUploads.send(fake, request, **kwargs)
+
+    fake.send = gone
+    path, data = _source(tmp_path, 9 * MiB)
+    with pytest.raises(gx.ServiceUnavailable):
+        backend.put_file(path, StoreURI("gs", "bkt", "k"), len(data), lambda: None)
+    assert backend.classify(gx.ServiceUnavailable("x")).transient
+
+
+def _download(backend, tmp_path, obj, start: int = 0) -> bytes:
+    from covalent_lot._stream import VerifyingSink
+
+    path = tmp_path / "out.bin"
+    with open(path, "wb+") as f:
+        sink = VerifyingSink(f, None)
+        sink.seek(start)
+        backend.get_into(obj, sink, start)
+        sink.close()
+    return path.read_bytes()[start:]
+
+
+def test_download_is_one_get_of_the_generation_read_in_large_pieces(uploads, tmp_path):
+    make, fake = uploads
+    backend = make()
+    data = os.urandom(3 * MiB + 5)
+    fake.objects["k"] = (data, {})
+    sizes = []
+    backend.progress = None
+    from covalent_lot._backend import RemoteObject
+
+    obj = RemoteObject(StoreURI("gs", "bkt", "k"), len(data), None, "7")
+    from covalent_lot._stream import VerifyingSink
+
+    with open(tmp_path / "out.bin", "wb+") as f:
+        sink = VerifyingSink(f, None, on_bytes=sizes.append)
+        backend.get_into(obj, sink)
+        sink.close()
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert sizes == [MiB, MiB, MiB, 5]
+    ((method, url, headers),) = fake.requests
+    assert method == "GET" and "generation=7" in url and "range" not in {h.lower() for h in headers}
+
+
+def test_a_resumed_download_asks_for_the_rest(uploads, tmp_path):
+    make, fake = uploads
+    data = os.urandom(2 * MiB)
+    fake.objects["k"] = (data, {})
+    from covalent_lot._backend import RemoteObject
+
+    obj = RemoteObject(StoreURI("gs", "bkt", "k"), len(data), None, "7")
+    assert _download(make(), tmp_path, obj, start=MiB + 1) == data[MiB + 1:]
+    assert fake.requests[0][2]["range"] == f"bytes={MiB + 1}-"
+
+
+def test_download_without_a_lot_checksum_checks_the_services_crc32c(uploads, tmp_path):
+    from covalent_lot import ChecksumMismatchError
+    from covalent_lot._backend import RemoteObject
+
+    make, fake = uploads
+    data = os.urandom(MiB)
+    fake.objects["k"] = (data, {})
+    fake.reported["crc32c"] = _crc32c_b64(data[1:])
+    obj = RemoteObject(StoreURI("gs", "bkt", "k"), len(data), None, "7")
+    with pytest.raises(ChecksumMismatchError, match="crc32c"):
+        _download(make(), tmp_path, obj)
+    # With a lot-* checksum the engine checks the whole file itself: the service's is not asked for.
+    checked = RemoteObject(StoreURI("gs", "bkt", "k"), len(data), _crc32c_checksum(data), "7")
+    assert _download(make(), tmp_path, checked) == data
 
 
 # --- without the SDK ------------------------------------------------------------------------
