@@ -136,16 +136,7 @@ def _run_cli(args: list[str], stdin: Optional[str] = None) -> None:
         root = psutil.Process(proc.pid)
         peak = 0
         while proc.poll() is None:
-            total = 0
-            try:
-                for p in [root, *root.children(recursive=True)]:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                pass
-            peak = max(peak, total)
+            peak = max(peak, _tree_rss(root, with_root=True))
             time.sleep(0.02)
         err = proc.stderr.read()
     _CLI_PEAK_MIB[0] = max(_CLI_PEAK_MIB[0], peak / MiB)
@@ -451,6 +442,22 @@ def is_cli(backend: str, tool: str) -> bool:
     return tool in ("scp", "sftp-default") or (backend == "sftp" and tool in ("sdk", "builtin"))
 
 
+def _tree_rss(root, with_root: bool) -> int:
+    """RSS bytes of ``root``'s descendants (and of ``root`` itself), gone ones skipped."""
+    import psutil
+
+    total = 0
+    try:
+        for p in ([root] if with_root else []) + root.children(recursive=True):
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
+
+
 def _sample_children(stop) -> None:
     """Peak RSS of this process's descendants (e.g. Rsync's shell, rsync and ssh) into
     _CLI_PEAK_MIB, every 20 ms until ``stop`` is set."""
@@ -458,16 +465,7 @@ def _sample_children(stop) -> None:
 
     me = psutil.Process()
     while not stop.is_set():
-        total = 0
-        try:
-            for p in me.children(recursive=True):
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            pass
-        _CLI_PEAK_MIB[0] = max(_CLI_PEAK_MIB[0], total / MiB)
+        _CLI_PEAK_MIB[0] = max(_CLI_PEAK_MIB[0], _tree_rss(me, with_root=False) / MiB)
         stop.wait(0.02)
 
 

@@ -17,6 +17,8 @@ pytest.importorskip("asyncssh")
 from covalent_lot._pool import Watchdog  # noqa: E402
 from covalent_lot.strategies import _sftp_asyncssh as t  # noqa: E402
 
+from .test_sftp_transport import NoServer  # noqa: E402 - an SSH connection to no server
+
 
 class FakeServer:
     """Answers the SFTP messages the channel writes; delivers the replies in random pieces."""
@@ -263,19 +265,6 @@ def test_garbage_on_the_channel_fails_every_file_with_a_connection_error():
 
 
 def test_a_data_channel_asked_for_after_another_file_closed_the_connection_is_a_connection_error():
-    class NoServer:
-        async def start_sftp_client(self):
-            return None
-
-        def is_closed(self) -> bool:
-            return False
-
-        def close(self) -> None:
-            pass
-
-        async def wait_closed(self) -> None:
-            pass
-
     async def open_ssh():
         return NoServer()
 
