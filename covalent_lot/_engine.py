@@ -224,7 +224,8 @@ class Engine:
             # is computed in one streaming pass first (crc32c: ~0.1 s per 512 MiB
             # here); a copy afterwards to attach it would cost more than the pass.
             digest = _known(file_checksum(path, algorithm)[0])
-            stats.add_phase("hash", time.perf_counter() - began)
+            with self._count:  # files of a folder run in several threads
+                stats.add_phase("hash", time.perf_counter() - began)
         sending, connected = time.perf_counter(), self.backend.connected
         try:
             self._guard(
