@@ -4,8 +4,8 @@ Every machine that runs electrons keeps local copies in its staging folder
 (``staging_dir``): handoff files and offloaded values. Left alone it only
 grows, so after each transfer into it :func:`trim` brings it back under
 ``cache_limit`` by removing the least recently used *verified copies* (files
-whose recorded sha256 still matches their size and mtime, see
-``_stream.recorded_sha256``): copies that can be fetched again from the store.
+whose recorded checksum still matches their size and mtime, see
+``_stream.recorded_checksum``): copies that can be fetched again from the store.
 
 What is never removed:
 
@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from ._stream import TEMP_MARK, recorded_sha256
+from ._stream import TEMP_MARK, recorded_checksum
 
 try:
     import fcntl
@@ -193,7 +193,7 @@ def trim(root: str, limit: int, *, now: float | None = None, everything: bool = 
                     log.info("removed %s: a partial download whose writer is gone", path)
                     continue
             total += st.st_size
-            if TEMP_MARK not in name and recorded_sha256(path) is not None:
+            if TEMP_MARK not in name and recorded_checksum(path) is not None:
                 copies.append((st.st_atime, path, st.st_size))
     report.size_before = total
     copies.sort()

@@ -175,7 +175,7 @@ class VerifyingSink:
             self._file_pos = offset + n
             self.bytes_written += n
             if self._crc is not None:
-                if not self._rehash and not self._crc.add(offset, view):
+                if not self._rehash and not self._crc.add(offset, data if type(data) is bytes else view):
                     self._rehash = True  # bytes written twice: check the finished file instead
                 return n
             if self._hash is None or self._rehash or n == 0:
@@ -358,12 +358,6 @@ def recorded_checksum(path: str) -> Checksum | None:
     if len(value) == 3 and value[1] == str(st.st_size) and value[2] == str(st.st_mtime_ns):
         return Checksum.parse(value[0])
     return None
-
-
-def recorded_sha256(path: str) -> str | None:
-    """The sha256 recorded for ``path`` (see :func:`recorded_checksum`), if that is what was recorded."""
-    found = recorded_checksum(path)
-    return found.value if found is not None and found.algorithm == "sha256" else None
 
 
 def hold_while_writing(fd: int) -> None:

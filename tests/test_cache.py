@@ -10,6 +10,7 @@ import time
 import pytest
 
 from covalent_lot import _cache
+from covalent_lot._checksum import Checksum
 from covalent_lot._stream import TEMP_MARK, atomic_download, mark_verified
 from tests.lot_fakes import xattrs_work
 
@@ -21,12 +22,12 @@ def root(tmp_path):
     return tmp_path / "staging"
 
 
-def copy(root, name: str, size: int, used: float) -> str:
+def copy(root, name: str, size: int, used: float, checksum=Checksum("crc32c", "0" * 8)) -> str:
     """A verified copy last used ``used`` seconds ago (its access time)."""
     path = root / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"x" * size)
-    mark_verified(str(path), "0" * 64)
+    mark_verified(str(path), checksum)
     st = os.stat(path)
     os.utime(path, ns=(time.time_ns() - int(used * 1e9), st.st_mtime_ns))
     return str(path)
@@ -40,6 +41,14 @@ def test_least_recently_used_copies_go_first_until_under_the_limit(root):
     assert (report.evicted, report.evicted_bytes) == (1, 400)
     assert not os.path.exists(old) and os.path.exists(middle) and os.path.exists(new)
     assert (report.size_before, report.size_after) == (1200, 800)
+
+
+def test_copies_verified_with_either_checksum_are_evicted(root):
+    """Copies recorded with crc32c (the default) and with sha256 (offloads, older records)."""
+    sha = copy(root, "a/sha.npy", 400, used=300, checksum="0" * 64)
+    crc = copy(root, "b/crc.npy", 400, used=200)
+    report = _cache.trim(str(root), 0)
+    assert report.evicted == 2 and not os.path.exists(sha) and not os.path.exists(crc)
 
 
 def test_under_the_limit_nothing_goes(root):
