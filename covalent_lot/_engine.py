@@ -261,6 +261,7 @@ class Engine:
     # --- download -------------------------------------------------------------------------
     def download(self, source: StoreURI, local_path: str) -> TransferStats:
         stats, started = self._start("download", str(source), local_path)
+        stats.checksum = None  # named by what each object stores (_checked)
         if source.is_folder:
             if os.path.exists(local_path) and not os.path.isdir(local_path):
                 raise NotADirectoryError(
@@ -304,6 +305,7 @@ class Engine:
                 stats.files += 1
                 stats.verified += 1
                 stats.kept += 1
+                _checked(stats, obj.checksum.algorithm)
             return
 
         fsync = bool(self.backend.settings.get("fsync", False))
@@ -347,6 +349,7 @@ class Engine:
             stats.bytes += seen.size
             if self.verify and (seen.checksum or obj.checksum):
                 stats.verified += 1
+                _checked(stats, (seen.checksum or obj.checksum).algorithm)
             else:
                 stats.unverified.append(str(obj.location))
 
@@ -438,6 +441,11 @@ class Engine:
 
 def _known(value: Checksum | None) -> Callable[[], Checksum | None]:
     return lambda: value
+
+
+def _checked(stats: TransferStats, algorithm: str) -> None:
+    """Name the checksum a download checked: the objects' own; "checksums" when they differ."""
+    stats.checksum = algorithm if stats.checksum in (None, algorithm) else "checksums"
 
 
 def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:

@@ -118,3 +118,12 @@ def test_stats_name_the_checksum_and_time_the_phases(tmp_path, backend):
     assert set(stats.phases) >= {"hash", "transfer"}
     stats = engine(backend).download(parse_uri("s3://bkt/p"), str(tmp_path / "b"))
     assert "1/1 crc32c verified" in stats.summary() and set(stats.phases) >= {"stat", "hash", "transfer"}
+
+
+def test_a_download_names_the_checksum_it_checked(tmp_path, backend):
+    """The summary says what the objects store, not what this strategy would store."""
+    backend.add("bkt", "m/a", b"aaa", checksum_of(b"aaa", "sha256"))
+    assert "1/1 sha256 verified" in engine(backend).download(parse_uri("s3://bkt/m/a"), str(tmp_path / "a")).summary()
+    backend.add("bkt", "m/b", b"bbb")  # crc32c
+    stats = engine(backend, reuse_local=False).download(parse_uri("s3://bkt/m/"), str(tmp_path / "m"))
+    assert "2/2 checksums verified" in stats.summary()
