@@ -40,6 +40,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from ._checksum import ALGORITHMS as CHECKSUM_ALGORITHMS, DEFAULT as CHECKSUM_DEFAULT
+
 __all__ = [
     "Option", "Settings", "resolve", "parse_size", "COMMON_OPTIONS", "BACKEND_SECTIONS", "STORE", "LOT_ONLY_KEYS",
 ]
@@ -200,10 +202,10 @@ COMMON_OPTIONS: dict[str, Option] = {
     ),
     "verify": Option("bool", True, "store a checksum with every upload and verify every download"),
     "checksum": Option(
-        "str", "crc32c",
+        "str", CHECKSUM_DEFAULT,
         "what uploads store: crc32c (fast, checked per range as a download arrives) or sha256 "
         "(what sha256sum prints); objects stored with either are verified whatever this says",
-        choices=("crc32c", "sha256"),
+        choices=CHECKSUM_ALGORITHMS,
     ),
     "max_files": Option("int", 8, "files moved at once in a folder transfer", 1),
     "reuse_local": Option(

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
-from ._checksum import Checksum, file_checksum
+from ._checksum import DEFAULT, Checksum, file_checksum
 from ._errors import ChecksumMismatchError, ErrorKind, MissingBucket, exception_chain, translate
 from ._backend import Backend, RemoteObject
 from ._pool import run_bounded
@@ -109,7 +109,7 @@ class Engine:
         self.policy = policy
         self.verify = verify
         # What uploads store, and what a download checks when the object's own is not known yet.
-        self.algorithm = str(backend.settings.get("checksum", "crc32c")) if verify else None
+        self.algorithm = str(backend.settings.get("checksum", DEFAULT)) if verify else None
         # progress(nbytes) as bytes move, from any thread (a progress bar); uploads
         # report through the backend, downloads through the sink, copies per file.
         self.progress = progress

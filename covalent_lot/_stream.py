@@ -29,7 +29,6 @@ from ._checksum import Checksum, RangeCrc, file_checksum
 __all__ = [
     "CHUNK",
     "sha256_file",
-    "file_checksum",
     "VerifyingSink",
     "atomic_download",
     "TEMP_MARK",
