@@ -63,6 +63,28 @@ def test_rewind_without_the_prefix_starts_over(tmp_path, algorithm):
     assert (tmp_path / "f").read_bytes() == b"fresh"
 
 
+@pytest.mark.parametrize("algorithm", ["sha256", "crc32c", None])
+def test_the_first_attempt_does_not_truncate_the_empty_file(tmp_path, algorithm):
+    # ext4 (auto_da_alloc) writes a file truncated to 0 back to disk when it is
+    # closed: ~0.2 s per 512 MiB on every download when the sink truncated always.
+    class NoTruncate:
+        def __init__(self, f):
+            self._f = f
+
+        def truncate(self, size=None):
+            raise AssertionError(f"truncated to {size} with nothing to cut")
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    with open(tmp_path / "f", "wb+") as f:
+        sink = VerifyingSink(NoTruncate(f), algorithm)
+        assert sink.rewind() == 0
+        sink.write(b"data")
+        assert sink.checksum() == (checksum_of(b"data", algorithm) if algorithm else None)
+        sink.close()
+
+
 # --- engine downloads -------------------------------------------------------------------
 def test_a_failed_download_resumes_where_it_stopped(tmp_path, engine, backend):
     data = os.urandom(20_000)
