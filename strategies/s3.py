@@ -103,6 +103,25 @@ def _new_session(profile: str | None):
     return session
 
 
+class _Known:
+    """An s3transfer subscriber that gives the transfer the size and ETag a HEAD
+    already returned (s3transfer would otherwise send its own HEAD first)."""
+
+    def __init__(self, size: int, etag: str | None):
+        self._size, self._etag = size, etag
+
+    def on_queued(self, future, **kwargs) -> None:
+        future.meta.provide_transfer_size(self._size)
+        if self._etag:
+            future.meta.provide_object_etag(self._etag)
+
+    def on_progress(self, future, bytes_transferred, **kwargs) -> None:
+        pass
+
+    def on_done(self, future, **kwargs) -> None:
+        pass
+
+
 class S3Backend(Backend):
     scheme = "s3"
 
@@ -225,10 +244,15 @@ class S3Backend(Backend):
             return RemoteObject(location, start + seen.size, seen.checksum, seen.version, seen.modified)
         if obj.checksum is None:
             obj = self.stat(location)  # a listing has no metadata; the checksum is in HEAD
-        # boto3 writes ranges in parallel (seek + write); the sink hashes them.
-        # It pins the ranged GETs to the ETag it sees (IfMatch) by itself, and
-        # retries a failed range on its own.
-        self.client.download_fileobj(location.bucket, location.key, sink, Config=self._transfer)
+        # boto3's transfer manager writes ranges in parallel (seek + write); the
+        # sink checks them. Told the size and ETag already known, it sends no HEAD
+        # of its own; it pins every ranged GET to that ETag (IfMatch) and retries a
+        # failed range by itself.
+        from boto3.s3.transfer import create_transfer_manager
+
+        with create_transfer_manager(self.client, self._transfer) as manager:
+            manager.download(location.bucket, location.key, sink,
+                             subscribers=[_Known(obj.size, obj.version)]).result()
         return obj
 
     def copy(self, source: RemoteObject, destination: StoreURI) -> None:
