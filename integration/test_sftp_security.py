@@ -135,3 +135,48 @@ def test_no_transport_or_thread_left_behind(kit, bucket, tmp_path):
             break
         time.sleep(0.05)
     assert not left, [t.name for t in left]
+
+
+def _ssh_on_path(tmp_path, monkeypatch, body: str):
+    wrapper = tmp_path / "bin" / "ssh"
+    wrapper.parent.mkdir()
+    wrapper.write_text("#!/bin/sh\n" + body)
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def _asyncssh_transport(strategy) -> bool:
+    from covalent_lot.strategies._sftp_wire import chosen_transport
+
+    return chosen_transport(strategy.settings["transport"]) == "asyncssh"
+
+
+def test_files_bytes_go_through_openssh_with_the_same_checks(kit, bucket, source, tmp_path, monkeypatch):
+    import shutil
+
+    calls = tmp_path / "calls"
+    real = shutil.which("ssh")
+    _ssh_on_path(tmp_path, monkeypatch, f'echo "$@" >> {calls}\nexec {real} "$@"\n')
+    strategy = kit.strategy()
+    strategy.put(str(source), kit.uri(bucket, "via-ssh.bin"))
+    strategy.get(kit.uri(bucket, "via-ssh.bin"), str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == source.read_bytes()
+    if _asyncssh_transport(strategy):
+        lines = calls.read_text().splitlines()
+        assert len(lines) == 2, lines  # one data channel per transfer (session)
+        assert all("StrictHostKeyChecking=yes" in line and line.endswith("-s -- 127.0.0.1 sftp")
+                   for line in lines), lines
+
+
+def test_without_a_working_openssh_the_library_channel_moves_the_bytes(kit, bucket, source, tmp_path,
+                                                                      monkeypatch, caplog):
+    import logging
+
+    _ssh_on_path(tmp_path, monkeypatch, "echo 'Permission denied (publickey).' >&2\nexit 255\n")
+    strategy = kit.strategy()
+    with caplog.at_level(logging.INFO, logger="covalent_lot"):
+        strategy.put(str(source), kit.uri(bucket, "no-ssh.bin"))
+        strategy.get(kit.uri(bucket, "no-ssh.bin"), str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == source.read_bytes()
+    if _asyncssh_transport(strategy):
+        assert "no OpenSSH data channel" in caplog.text and "Permission denied" in caplog.text

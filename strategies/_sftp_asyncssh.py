@@ -32,7 +32,7 @@ from covalent_lot._errors import Classified, ErrorKind
 from covalent_lot._pool import Watchdog
 from covalent_lot._stream import VerifyingSink
 from covalent_lot.strategies._sftp_wire import (
-    KiB, MiB, PREFERRED_CIPHERS, Session, Target, credentials, host_key_error, shape,
+    KiB, MiB, PREFERRED_CIPHERS, Session, Target, credentials, host_key_error, openssh_command, shape,
 )
 
 __all__ = ["connect", "classify_error", "AsyncsshSession"]
@@ -46,6 +46,7 @@ DATA_PACKET = 256 * KiB
 # is held in memory until sent; beyond the server's 2 MiB window more only
 # waits in asyncssh's send buffer.
 UPLOAD_IN_FLIGHT = 8 * MiB
+MAX_REQUEST_BYTES = 256 * KiB  # an SFTP request of the data channel, at most (head included)
 
 
 def _translate(exc: BaseException) -> BaseException:
@@ -115,7 +116,8 @@ def connect(settings: Mapping[str, Any], target: Target) -> "AsyncsshSession":
     if not settings["allow_agent"]:
         kwargs["agent_path"] = None
     try:
-        return AsyncsshSession(settings, lambda: asyncssh.connect(**kwargs))
+        return AsyncsshSession(settings, lambda: asyncssh.connect(**kwargs),
+                               openssh_command(settings, target, known_files, key_filename))
     except asyncssh.HostKeyNotVerifiable as exc:
         raise host_key_error(target, known_files) from exc
 
@@ -190,8 +192,11 @@ class AsyncsshSession(Session):
     ``open_ssh()`` makes the SSH connection (an awaitable, run on that loop).
     """
 
-    def __init__(self, settings: Mapping[str, Any], open_ssh: Callable[[], Awaitable]):
+    def __init__(self, settings: Mapping[str, Any], open_ssh: Callable[[], Awaitable],
+                 openssh: list[str] | None = None):
         super().__init__(settings)
+        self._openssh = openssh  # the ssh command of the data channel; None: asyncssh's channel
+        self._pipes: asyncio.SubprocessTransport | None = None
         self._closed = False
         self._state = threading.Lock()  # orders close() against new requests
         self._ssh = None
@@ -208,6 +213,9 @@ class AsyncsshSession(Session):
         self.primary = _SyncSFTP(self)
 
     async def _open(self, open_ssh: Callable[[], Awaitable]) -> None:
+        if self._openssh is not None:
+            # OpenSSH logs in while asyncssh does: the two handshakes overlap.
+            self._opening = asyncio.ensure_future(self._openssh_or_none())
         self._ssh = await open_ssh()
         self.sftp = await self._ssh.start_sftp_client()
 
@@ -268,13 +276,16 @@ class AsyncsshSession(Session):
             for task in others:
                 task.cancel()
             await asyncio.gather(*others, return_exceptions=True)
+            if self._pipes is not None:
+                self._pipes.close()  # kills the ssh process if it still runs
             if ssh is not None:
                 ssh.close()
                 await ssh.wait_closed()
 
         if self._loop.is_running():
             try:
-                asyncio.run_coroutine_threadsafe(asyncio.wait_for(shut(), 5), self._loop).result()
+                # Not wrapped in wait_for: its task would be one of the "others" cancelled above.
+                asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=5)
             except Exception:  # noqa: BLE001 - closing; the loop goes next
                 pass
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -332,15 +343,38 @@ class AsyncsshSession(Session):
     async def _data_channel(self) -> "_DataChannel":
         """The session's data channel, opened on first use and shared by the files
         moving at once (one SFTP server process on the other side, not one per file)."""
-        task = self._opening
-        if task is None or (task.done() and (task.cancelled() or task.exception() is not None
-                                             or task.result().closed)):
-            task = self._opening = asyncio.ensure_future(self._open_data_channel())
-        return await asyncio.shield(task)
+        for _ in range(2):  # twice: the channel started with the session may have come to nothing
+            task = self._opening
+            if task is None or (task.done() and (task.cancelled() or task.exception() is not None
+                                                 or task.result() is None or task.result().closed)):
+                task = self._opening = asyncio.ensure_future(self._open_data_channel())
+            channel = await asyncio.shield(task)
+            if channel is not None:
+                return channel
+        raise ConnectionError("no SFTP data channel")  # pragma: no cover - the second try raises or returns
+
+    async def _openssh_or_none(self) -> "_DataChannel | None":
+        """The OpenSSH data channel started with the session, or None (logged) when it fails."""
+        try:
+            return await self._open_openssh_channel()
+        except Exception as exc:  # noqa: BLE001 - the library's channel still works
+            self._no_openssh(exc)
+            return None
+
+    def _no_openssh(self, exc: BaseException) -> None:
+        import logging
+
+        logging.getLogger("covalent_lot").info("SFTP: no OpenSSH data channel (%s); using asyncssh's", exc)
+        self._openssh = None
 
     async def _open_data_channel(self) -> "_DataChannel":
         import asyncssh
 
+        if self._openssh is not None:
+            try:
+                return await self._open_openssh_channel()
+            except Exception as exc:  # noqa: BLE001 - the library's channel still works
+                self._no_openssh(exc)
         ssh = self._ssh
         if ssh is None:  # another file's failure closed the session meanwhile
             raise ConnectionError("SSH connection closed (another file of this transfer failed)")
@@ -351,6 +385,86 @@ class AsyncsshSession(Session):
             raise ConnectionError(f"SFTP data channel refused: {exc.reason}") from exc
         await channel.ready()
         return channel
+
+
+    async def _open_openssh_channel(self) -> "_DataChannel":
+        """A data channel through ``ssh -s ... sftp``: OpenSSH's ciphers in a process of
+        their own, the SFTP messages over its pipes."""
+        if self._pipes is not None:
+            self._pipes.close()
+        loop = asyncio.get_running_loop()
+        channel = _DataChannel()
+        pipes, link = await loop.subprocess_exec(
+            lambda: _Pipes(channel), *self._openssh, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        self._pipes = pipes
+        settings = self.settings
+        try:
+            await asyncio.wait_for(channel.ready(), settings["connect_timeout"] + settings["banner_timeout"]
+                                   + settings["auth_timeout"])
+        except BaseException as exc:
+            pipes.close()
+            self._pipes = None
+            if isinstance(exc, asyncio.TimeoutError):
+                raise ConnectionError(f"ssh started no SFTP session{link.said()}") from None
+            raise
+        return channel
+
+
+class _Pipes(asyncio.SubprocessProtocol):
+    """The ssh process's pipes as the data channel's SSH channel (``write``, ``close``)."""
+
+    def __init__(self, channel: "_DataChannel"):
+        self._channel = channel
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._stdin = None
+        self._stderr = bytearray()
+
+    def said(self) -> str:
+        text = self._stderr.decode("utf-8", "replace").strip()
+        return f": {text.splitlines()[-1]}" if text else ""
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        self._stdin = transport.get_pipe_transport(0)
+        self._stdin.set_write_buffer_limits(high=MAX_REQUEST_BYTES)
+        self._channel.paced = True
+        for fd in (0, 1):  # 1 MiB pipes instead of 64 KiB: fewer, larger reads and writes
+            pipe = transport.get_pipe_transport(fd).get_extra_info("pipe")
+            try:
+                import fcntl
+
+                fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), MiB)
+            except (OSError, AttributeError, ImportError, ValueError):
+                pass
+        self._channel.connection_made(self)
+        self._channel.session_started()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self._channel.data_received(data, None)
+        elif len(self._stderr) < 4096:
+            self._stderr += data[:4096]
+
+    def pause_writing(self) -> None:
+        self._channel.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._channel.resume_writing()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        # ssh ended (or was closed) and its pipes are drained: what it said is all here.
+        code = self._transport.get_returncode() if self._transport is not None else None
+        status = f" with status {code}" if code is not None else ""
+        self._channel.connection_lost(ConnectionError(f"ssh ended{status}{self.said()}"))
+
+    # --- what _DataChannel calls on its channel -----------------------------------------------
+    def write(self, data) -> None:
+        self._stdin.write(data)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
 
 # --- bulk data: an SFTP channel of its own ---------------------------------------------------
@@ -426,6 +540,10 @@ class _DataChannel:
         self._data_at = 0  # where its next byte goes
         self._data_left = 0
         self._version: asyncio.Future = loop.create_future()
+        # Through OpenSSH's pipes: uploads wait while the pipe is full (``pause_writing``)
+        # instead of piling their requests into the transport's buffer (a copy each).
+        self.paced = False
+        self._paused = False
 
     # --- asyncssh's session callbacks -------------------------------------------------------
     def connection_made(self, chan) -> None:
@@ -441,10 +559,14 @@ class _DataChannel:
         return False
 
     def pause_writing(self) -> None:
-        pass
+        self._paused = self.paced
 
     def resume_writing(self) -> None:
-        pass
+        if self._paused:
+            self._paused = False
+            for job in list(self._jobs):
+                if job.sink is None:
+                    self.fill(job)
 
     def exit_status_received(self, status: int) -> None:
         pass
@@ -629,7 +751,7 @@ class _DataChannel:
         if job.done.done():
             return
         handle, write = job.handle, self._chan.write
-        while job.in_flight < job.depth:
+        while job.in_flight < job.depth and not (self._paused and job.sink is None):
             if job.again:
                 offset, length = job.again.pop()
             elif job.next < job.size:
@@ -654,5 +776,5 @@ class _DataChannel:
                 write(job.buffer[:end])
             self._in_flight[rid] = (job, offset, length)
             job.in_flight += 1
-        if not job.in_flight:
-            job.done.set_result(None)
+        if not job.in_flight and not job.again and job.next >= job.size:
+            job.done.set_result(None)  # all asked for and answered (not merely paused)

@@ -13,7 +13,9 @@ authority and the host-key messages. It imports neither transport.
 from __future__ import annotations
 
 import functools
+import math
 import os
+import shutil
 from typing import Any, Mapping, NamedTuple
 
 from covalent_lot._config import Option
@@ -47,6 +49,9 @@ OPTIONS: dict[str, Option] = {
     "max_requests": Option("int", 32, "requests in flight per channel", 1),
     "transport": Option("str", "auto", "SSH library: paramiko, asyncssh (faster; extra sftp-fast) or auto "
                         "(asyncssh when installed)", choices=TRANSPORTS),
+    "openssh": Option("bool", True, "with asyncssh, move files' bytes through the OpenSSH client (ssh -s sftp, "
+                      "when installed): its ciphers run in a process of their own. Same host key and key "
+                      "checks; if it cannot log in non-interactively, asyncssh's own channel is used"),
 }
 
 
@@ -174,3 +179,39 @@ def host_key_error(target: Target, known_files: list[str], *, presented: str = "
         f"trust it once, after checking its fingerprint: ssh-keyscan -p {port} {host} "
         ">> ~/.ssh/known_hosts (or set [lot.sftp] known_hosts to a file holding it)",
     )
+
+
+def openssh_command(settings: Mapping[str, Any], target: Target, known_files: list[str],
+                    key_filename: str | None) -> list[str] | None:
+    """The ``ssh -s ... sftp`` command that opens a data channel to ``target`` with
+    the checks of the SSH library's session (its known_hosts files, key, agent
+    choice, ciphers; no ~/.ssh/config, never a prompt), or None when the option
+    is off, no ``ssh`` is installed, or a path cannot be passed to it."""
+    if not settings.get("openssh", True):
+        return None
+    ssh = shutil.which("ssh")
+    paths = list(known_files) + ([key_filename] if key_filename else [])
+    if ssh is None or any(not p or any(c.isspace() or c in "\"'%\\" for c in p) for p in paths):
+        return None
+    if settings["insecure_skip_host_key_check"]:
+        checks = ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null"]
+    else:  # known_files already holds the system's file when it exists
+        checks = ["StrictHostKeyChecking=yes", "UserKnownHostsFile=" + (" ".join(known_files) or "/dev/null")]
+    options = [
+        "BatchMode=yes",  # no password or passphrase prompt: fail, and the library's channel is used
+        f"ConnectTimeout={max(1, math.ceil(settings['connect_timeout']))}",
+        "GlobalKnownHostsFile=/dev/null", *checks, "UpdateHostKeys=no", "LogLevel=ERROR",
+        "Ciphers=" + ",".join(dict.fromkeys(PREFERRED_CIPHERS + (
+            "chacha20-poly1305@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr"))),
+        "ClearAllForwardings=yes", "ForwardAgent=no", "ForwardX11=no",
+    ]
+    if not settings["allow_agent"]:
+        options.append("IdentityAgent=none")
+    command = [ssh, "-F", "/dev/null", "-T", "-p", str(target.port)]
+    for option in options:
+        command += ["-o", option]
+    if key_filename:
+        command += ["-i", key_filename]
+    if target.user is not None:
+        command += ["-l", target.user]
+    return command + ["-s", "--", target.host, "sftp"]

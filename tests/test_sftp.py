@@ -237,9 +237,47 @@ def test_no_autoadd_and_no_subprocess_in_the_modules(sftp):
     for module in modules:
         code = re.sub(r'""".*?"""', "", module.read_text(), flags=re.S)  # docstrings may mention what is avoided
         code = re.sub(r"#.*", "", code)
-        for banned in ("AutoAddPolicy", "WarningPolicy", "subprocess", "exec_command", "invoke_shell",
-                       "os.system", "shell=True", "save_host_keys"):
+        # ssh itself may run (an argument list, no shell), never a command on the server.
+        for banned in ("AutoAddPolicy", "WarningPolicy", "import subprocess", "subprocess_shell", "os.popen",
+                       "exec_command", "invoke_shell", "os.system", "shell=True", "save_host_keys"):
             assert banned not in code, (module.name, banned)
+
+
+def _openssh_settings(**over):
+    from covalent_lot.strategies._sftp_wire import OPTIONS
+
+    return {**{k: o.default for k, o in OPTIONS.items()}, **over}
+
+
+def test_the_openssh_channel_checks_what_the_session_checks(monkeypatch):
+    from covalent_lot.strategies._sftp_wire import Target, openssh_command
+
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/ssh")
+    cmd = openssh_command(_openssh_settings(allow_agent=False), Target("-oProxyCommand=x", "-h", 2222),
+                          ["/etc/ssh/ssh_known_hosts", "/home/a/.ssh/known_hosts"], "/home/a/.ssh/id")
+    options = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-o"]
+    assert cmd[:3] == ["/usr/bin/ssh", "-F", "/dev/null"]  # no ~/.ssh/config
+    assert "BatchMode=yes" in options and "StrictHostKeyChecking=yes" in options
+    assert "UserKnownHostsFile=/etc/ssh/ssh_known_hosts /home/a/.ssh/known_hosts" in options
+    assert "IdentityAgent=none" in options and ["-i", "/home/a/.ssh/id"] == cmd[cmd.index("-i"):cmd.index("-i") + 2]
+    assert cmd[cmd.index("-l") + 1] == "-oProxyCommand=x"  # an argument of -l, not an option
+    assert cmd[-4:] == ["-s", "--", "-h", "sftp"]  # the host after "--"
+    assert cmd[cmd.index("-p") + 1] == "2222"
+    assert any(o.startswith("Ciphers=aes128-gcm@openssh.com,") for o in options)
+
+
+def test_the_openssh_channel_is_left_out_when_it_cannot_be_asked_safely(monkeypatch):
+    from covalent_lot.strategies._sftp_wire import Target, openssh_command
+
+    target = Target(None, "h", 22)
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/ssh")
+    assert openssh_command(_openssh_settings(openssh=False), target, [], None) is None
+    for path in ("/a b/key", "/a%d/key", '/a"/key'):  # ssh would split or expand it
+        assert openssh_command(_openssh_settings(), target, [], path) is None
+    insecure = openssh_command(_openssh_settings(insecure_skip_host_key_check=True), target, [], None)
+    assert "StrictHostKeyChecking=no" in insecure and "UserKnownHostsFile=/dev/null" in insecure
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert openssh_command(_openssh_settings(), target, [], None) is None  # no ssh installed
 
 
 def test_insecure_option_never_saves_keys():

@@ -235,3 +235,36 @@ def test_a_closed_connection_refuses_asyncssh_context_manager_requests_too(trans
     session.close()
     with pytest.raises(ConnectionError, match="closed"):
         session.run(opener(), timeout=1.0)
+
+
+# --- the data channel paced by OpenSSH's pipe ------------------------------------------------
+def test_an_upload_waits_while_the_pipe_is_full_and_is_not_done_before_a_byte_went(transport, tmp_path):
+    import asyncio
+
+    source = tmp_path / "src"
+    source.write_bytes(os.urandom(3000))
+    sent = []
+
+    class Pipe:
+        def write(self, data):
+            sent.append(bytes(data))
+
+        def close(self):
+            pass
+
+    async def scenario():
+        channel = transport._DataChannel()
+        channel.connection_made(Pipe())
+        channel.paced = True
+        channel.pause_writing()  # the pipe is full before this file's first request
+        with open(source, "rb") as f:
+            job = transport._Job("/r/src", 0, 3000, 1000, 8, Watchdog(60, "t"), None, f.fileno(), None)
+            job.done = asyncio.get_running_loop().create_future()
+            channel._jobs.add(job)
+            channel.fill(job)
+            assert not job.done.done() and not sent  # waiting, not finished with nothing sent
+            channel.resume_writing()
+            assert len(sent) == 3 and job.in_flight == 3
+            assert b"".join(m[-1000:] for m in sent) == source.read_bytes()
+
+    asyncio.run(scenario())
