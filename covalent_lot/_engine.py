@@ -75,8 +75,9 @@ class TransferStats:
         )
 
 
-def local_path_for_key(root: str, relative_key: str, uri: str) -> str:
-    """Map a key below a folder onto a path below ``root``, refusing escapes."""
+def local_path_for_key(root: str, relative_key: str, uri: str, root_abs: str | None = None) -> str:
+    """Map a key below a folder onto a path below ``root``, refusing escapes
+    (``root_abs``: ``os.path.realpath(root)``, when the caller resolved it once for many keys)."""
     shown = uri if uri.isprintable() else repr(uri)  # a NUL or newline, visibly
     if (
         not relative_key
@@ -90,7 +91,7 @@ def local_path_for_key(root: str, relative_key: str, uri: str) -> str:
             f"{root!r} (empty, '.' or '..' segments, absolute or backslash paths); rename the "
             "object, or download it on its own to a path you choose"
         )
-    root_abs = os.path.realpath(root)
+    root_abs = os.path.realpath(root) if root_abs is None else root_abs
     path = os.path.realpath(os.path.join(root_abs, *relative_key.split("/")))
     if os.path.commonpath([root_abs, path]) != root_abs:
         raise ValueError(
@@ -269,12 +270,13 @@ class Engine:
                     "give a folder path, or a URI without the final '/' to download one object"
                 )
             jobs = []
+            root_abs = os.path.realpath(local_path)
             for obj in self._list(source, stats):
                 relative = obj.location.key[len(source.key):]
                 if not relative or relative.endswith("/") or TEMP_MARK in relative:
                     continue  # folder markers made by consoles; our own leftovers
                 # Every key is checked before any byte moves.
-                jobs.append((obj, local_path_for_key(local_path, relative, str(obj.location))))
+                jobs.append((obj, local_path_for_key(local_path, relative, str(obj.location), root_abs)))
             self._each(jobs, lambda job: self._download_one(job[0], job[1], stats))
             if not jobs:
                 raise FileNotFoundError(

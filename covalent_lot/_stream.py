@@ -401,7 +401,9 @@ def atomic_download(final_path: str, fsync: bool = True) -> Iterator[tuple[Binar
             "is a file; remove that file or choose another destination"
         ) from exc
     temp_path = os.path.join(parent, temp_name(os.path.basename(final_path)))
-    f = open(temp_path, "xb+", buffering=1024 * 1024)
+    # The default buffer: the engine's sink writes to the descriptor (pwrite), and a
+    # 1 MiB buffer was one more allocation per file of a folder of small ones.
+    f = open(temp_path, "xb+")
     hold_while_writing(f.fileno())
     try:
         yield f, temp_path
