@@ -358,23 +358,18 @@ class AsyncsshSession(Session):
         try:
             return await self._open_openssh_channel()
         except Exception as exc:  # noqa: BLE001 - the library's channel still works
-            self._no_openssh(exc)
+            import logging
+
+            logging.getLogger("covalent_lot").info("SFTP: no OpenSSH data channel (%s); using asyncssh's", exc)
+            self._openssh = None
             return None
-
-    def _no_openssh(self, exc: BaseException) -> None:
-        import logging
-
-        logging.getLogger("covalent_lot").info("SFTP: no OpenSSH data channel (%s); using asyncssh's", exc)
-        self._openssh = None
 
     async def _open_data_channel(self) -> "_DataChannel":
         import asyncssh
 
-        if self._openssh is not None:
-            try:
-                return await self._open_openssh_channel()
-            except Exception as exc:  # noqa: BLE001 - the library's channel still works
-                self._no_openssh(exc)
+        channel = await self._openssh_or_none() if self._openssh is not None else None
+        if channel is not None:
+            return channel
         ssh = self._ssh
         if ssh is None:  # another file's failure closed the session meanwhile
             raise ConnectionError("SSH connection closed (another file of this transfer failed)")
