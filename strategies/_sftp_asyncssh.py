@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import os
 import struct
@@ -196,7 +197,7 @@ class AsyncsshSession(Session):
                  openssh: list[str] | None = None):
         super().__init__(settings)
         self._openssh = openssh  # the ssh command of the data channel; None: asyncssh's channel
-        self._pipes: asyncio.SubprocessTransport | None = None
+        self._pipes: tuple[asyncio.SubprocessTransport, "_Pipes"] | None = None  # the ssh process
         self._closed = False
         self._state = threading.Lock()  # orders close() against new requests
         self._ssh = None
@@ -276,8 +277,7 @@ class AsyncsshSession(Session):
             for task in others:
                 task.cancel()
             await asyncio.gather(*others, return_exceptions=True)
-            if self._pipes is not None:
-                self._pipes.close()  # kills the ssh process if it still runs
+            await self._end_pipes()
             if ssh is not None:
                 ssh.close()
                 await ssh.wait_closed()
@@ -385,25 +385,34 @@ class AsyncsshSession(Session):
     async def _open_openssh_channel(self) -> "_DataChannel":
         """A data channel through ``ssh -s ... sftp``: OpenSSH's ciphers in a process of
         their own, the SFTP messages over its pipes."""
-        if self._pipes is not None:
-            self._pipes.close()
+        await self._end_pipes()
         loop = asyncio.get_running_loop()
         channel = _DataChannel()
         pipes, link = await loop.subprocess_exec(
             lambda: _Pipes(channel), *self._openssh, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
-        self._pipes = pipes
+        self._pipes = pipes, link
         settings = self.settings
         try:
             await asyncio.wait_for(channel.ready(), settings["connect_timeout"] + settings["banner_timeout"]
                                    + settings["auth_timeout"])
         except BaseException as exc:
-            pipes.close()
-            self._pipes = None
+            await self._end_pipes()
             if isinstance(exc, asyncio.TimeoutError):
                 raise ConnectionError(f"ssh started no SFTP session{link.said()}") from None
             raise
         return channel
+
+
+    async def _end_pipes(self) -> None:
+        """Stop the ssh process (if any) and wait for its exit: a loop closed before it
+        is reaped makes asyncio complain on stderr."""
+        if self._pipes is None:
+            return
+        (pipes, link), self._pipes = self._pipes, None
+        pipes.close()  # kills the process if it still runs
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.shield(link.exited), 5)
 
 
 class _Pipes(asyncio.SubprocessProtocol):
@@ -414,6 +423,7 @@ class _Pipes(asyncio.SubprocessProtocol):
         self._transport: asyncio.SubprocessTransport | None = None
         self._stdin = None
         self._stderr = bytearray()
+        self.exited = asyncio.get_running_loop().create_future()  # done when ssh is reaped
 
     def said(self) -> str:
         text = self._stderr.decode("utf-8", "replace").strip()
@@ -446,6 +456,10 @@ class _Pipes(asyncio.SubprocessProtocol):
 
     def resume_writing(self) -> None:
         self._channel.resume_writing()
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         # ssh ended (or was closed) and its pipes are drained: what it said is all here.
