@@ -115,12 +115,6 @@ class _Known:
         if self._etag:
             future.meta.provide_object_etag(self._etag)
 
-    def on_progress(self, future, bytes_transferred, **kwargs) -> None:
-        pass
-
-    def on_done(self, future, **kwargs) -> None:
-        pass
-
 
 class S3Backend(Backend):
     scheme = "s3"
