@@ -259,6 +259,37 @@ def test_a_connection_per_file_thread(gcs, max_files, pool):
     backend.close()
 
 
+def test_environment_is_read_once_per_client(gcs, monkeypatch, tmp_path):
+    # What requests would read from the environment on every request (proxies,
+    # NO_PROXY, CA bundle, ~/.netrc) is read when the client is built, as requests
+    # would have resolved it for the endpoint; later requests do not look again.
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password secret\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/some-bundle.pem")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    backend = gcs.GCSBackend(gcs.GCSStrategy(endpoint=ENDPOINT).settings.as_dict())
+    session = backend.client._http
+    assert session.trust_env is False
+    assert session.proxies["http"] == "http://proxy.example:3128"
+    assert session.verify == "/etc/some-bundle.pem"
+    assert session.auth == ("someone", "secret")
+    backend.close()
+
+    # An endpoint NO_PROXY names goes direct, as requests decides per request.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("NETRC")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    backend = gcs.GCSBackend(gcs.GCSStrategy(endpoint=ENDPOINT).settings.as_dict())
+    session = backend.client._http
+    assert "http" not in session.proxies and session.verify is True and session.auth is None
+    backend.close()
+
+
 def test_missing_credentials_file_is_a_permission_error(gcs, tmp_path):
     missing = str(tmp_path / "no-such-key.json")
     backend = gcs.GCSBackend(gcs.GCSStrategy(credentials_file=missing, max_attempts=1).settings.as_dict())
