@@ -582,6 +582,7 @@ def _measure(ct, servers, server, lattice, producer: str, consumer: str, n: int,
     dispatch_id = None
     error = None
     result = None
+    os.sync()  # untimed: no run pays for the writeback of what the one before wrote (throughput.settle)
     with PeakRSS(servers, server.pgid, store_pid) as rss:
         started_epoch = time.time()
         started = time.perf_counter()

@@ -428,7 +428,9 @@ def markdown(results: dict) -> str:
           if s.get(f"{part}_date")],
         *([f"- re-runs merged in: {s['rerun']}"] if s.get("rerun") else []),
         "- every transfer runs alone in a fresh child process (`bench/throughput.py --child`); SDK "
-        "clients are built inside the timed part; MiB/s = size / wall time of the transfer call",
+        "clients are built inside the timed part; MiB/s = size / wall time of the transfer call; "
+        "before each run (untimed) `sync` writes out what earlier runs left for the disk, so that "
+        "none pays for another's writeback (end to end too, before each dispatch)",
         "- peak RSS = the child's VmHWM minus its VmHWM after imports (the tool's SDK; for covalent-lot "
         "over SFTP paramiko and the transport in use, asyncssh by default) (the most of the rounds); "
         "for command-line clients (OpenSSH sftp/scp, rsync, marked †) the peak RSS of the client's "

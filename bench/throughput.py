@@ -511,12 +511,20 @@ def _sits_out(k: tuple[str, str], backend: str, errors: dict) -> bool:
     return k in errors
 
 
+def settle() -> None:
+    """Untimed, before every measured run: write out what earlier runs left in the page
+    cache for the disk (``sync``), so that no run pays for another's writeback (the
+    store's copy of the previous upload, the previous download's file)."""
+    os.sync()
+
+
 def run_child(spec: dict, timeout: float = CHILD_TIMEOUT, *, script: Optional[Path] = None,
               env: Optional[dict] = None) -> dict:
     """One run of ``script --child <spec>`` (default: this file, one transfer) in a fresh
     interpreter; its last stdout line parsed ({'seconds', 'base_mib', 'peak_mib'} here), or
     {'error'}."""
     script = Path(__file__).resolve() if script is None else script
+    settle()
     try:
         out = subprocess.run([sys.executable, str(script), "--child", json.dumps(spec)],
                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
