@@ -210,7 +210,7 @@ class VerifyingSink:
             self._thread.start()
 
     def _hash_loop(self) -> None:
-        fd = self._f.fileno()
+        fd = self._fd
         try:
             while True:
                 with self._cond:
@@ -269,7 +269,7 @@ class VerifyingSink:
             self._closing = False
             self._written.reset(self._ready)
             self._f.flush()
-            if os.fstat(self._f.fileno()).st_size > self._ready:
+            if os.fstat(self._fd).st_size > self._ready:
                 # Only when there is something to cut: ext4 (auto_da_alloc) writes a
                 # file truncated to 0 back to disk when it is closed, ~0.2 s per
                 # 512 MiB that every first attempt paid for nothing.
@@ -288,16 +288,16 @@ class VerifyingSink:
         if self._crc is not None:
             with self._cond:
                 self._f.flush()
-                size = os.fstat(self._f.fileno()).st_size
+                size = os.fstat(self._fd).st_size
                 whole = None if self._rehash else self._crc.whole(size)
             if whole is None:  # holes, or bytes written twice: read the file back once
-                return file_checksum(self._f.fileno(), "crc32c", size)[0].value
+                return file_checksum(self._fd, "crc32c", size)[0].value
             return f"{whole:08x}"
         if self._hash is None:
             return None
         with self._cond:
             self._f.flush()
-            size = os.fstat(self._f.fileno()).st_size
+            size = os.fstat(self._fd).st_size
             if not self._rehash and size > self._ready:
                 self._written.reset(size)  # the file is final: hash all of it, holes included
                 self._start_hasher()
@@ -310,7 +310,7 @@ class VerifyingSink:
             raise failure
         if rehash:
             self._hash = hashlib.sha256()
-            fd = self._f.fileno()
+            fd = self._fd
             offset = 0
             while offset < size:
                 chunk = os.pread(fd, min(CHUNK, size - offset), offset)
