@@ -116,6 +116,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import start_kits  # noqa: E402
+from bench.throughput import settle  # noqa: E402
 from integration import _kits, _servers  # noqa: E402
 
 MiB = 1024 * 1024
@@ -582,7 +583,7 @@ def _measure(ct, servers, server, lattice, producer: str, consumer: str, n: int,
     dispatch_id = None
     error = None
     result = None
-    os.sync()  # untimed: no run pays for the writeback of what the one before wrote (throughput.settle)
+    settle()  # untimed: no run pays for the writeback of what the one before wrote
     with PeakRSS(servers, server.pgid, store_pid) as rss:
         started_epoch = time.time()
         started = time.perf_counter()

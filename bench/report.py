@@ -8,7 +8,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from bench.common import write_report
 
@@ -294,7 +294,7 @@ def _e2e_size(ok_rows: list[dict]) -> tuple[Optional[int], bool]:
     return size, size != E2E_SIZE
 
 
-def _upload_bound(throughput: list[dict], backend: str, size: int, floor_s: float) -> tuple[float, float] | None:
+def _upload_bound(throughput: Sequence[dict], backend: str, size: int, floor_s: float) -> tuple[float, float] | None:
     """What no tool could beat on this machine: (seconds, MiB/s) of the floor plus the
     fastest upload of ``size`` MiB to ``backend`` that any tool made in the throughput part
     of the run (on one machine the consumer reads the producer's verified copy: no
@@ -304,7 +304,7 @@ def _upload_bound(throughput: list[dict], backend: str, size: int, floor_s: floa
     return (floor_s + size / max(speeds), max(speeds)) if speeds else None
 
 
-def _e2e_targets(e2e: list[dict], throughput: list[dict] = ()) -> list[list[str]]:
+def _e2e_targets(e2e: list[dict], throughput: Sequence[dict] = ()) -> list[list[str]]:
     """Target 4: per backend, handoff <= 2.0x the floor and >= 3x faster than by value."""
     out = []
     ok_rows = [r for r in e2e if not r.get("error") and r.get("wall_s")]
@@ -318,7 +318,7 @@ def _e2e_targets(e2e: list[dict], throughput: list[dict] = ()) -> list[list[str]
         scope = f"{h.get('backend')}, {tag}"
         ok = not h.get("error") and h.get("wall_s")
         rel = h["wall_s"] / floor["wall_s"] if ok and floor else None
-        bound = _upload_bound(list(throughput), h.get("backend"), size, floor["wall_s"]) if floor else None
+        bound = _upload_bound(throughput, h.get("backend"), size, floor["wall_s"]) if floor else None
         # The best any tool could do here: the floor plus the fastest upload measured.
         best = f"; floor + the fastest upload any tool made here ({bound[1]:.0f} MiB/s): " if bound else ""
         best_floor = f"{best}{bound[0] / floor['wall_s']:.2f}x" if bound else ""
