@@ -381,7 +381,6 @@ class AsyncsshSession(Session):
         await channel.ready()
         return channel
 
-
     async def _open_openssh_channel(self) -> "_DataChannel":
         """A data channel through ``ssh -s ... sftp``: OpenSSH's ciphers in a process of
         their own, the SFTP messages over its pipes."""
@@ -402,7 +401,6 @@ class AsyncsshSession(Session):
                 raise ConnectionError(f"ssh started no SFTP session{link.said()}") from None
             raise
         return channel
-
 
     async def _end_pipes(self) -> None:
         """Stop the ssh process (if any) and wait for its exit: a loop closed before it
